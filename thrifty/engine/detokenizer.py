@@ -1,0 +1,56 @@
+"""Incremental detokenizing with stop strings.
+
+Each new token is decoded together with a few tokens before it (so byte-level and
+SentencePiece tokenizers see the context that decides spaces and merged bytes), and text is
+only released once it no longer ends in an incomplete UTF-8 character (U+FFFD).
+"""
+
+from __future__ import annotations
+
+_CONTEXT_TOKENS = 6  # prompt tokens used as decoding context for the first output tokens
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool,
+                 stop: list[str], include_stop_str_in_output: bool):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = stop
+        self.include_stop = include_stop_str_in_output
+        self.tokens = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.tokens)
+        self.output_text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def add_token(self, token_id: int) -> str | None:
+        """Append one token; returns the stop string if the text now contains one (the text is
+        then cut at it), else None."""
+        self.tokens.append(token_id)
+        prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith(_REPLACEMENT):
+            return None  # nothing printable yet (or a partial multi-byte character)
+        delta = full[len(prefix):]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.tokens)
+        self.output_text += delta
+        return self._check_stop(len(delta)) if self.stop else None
+
+    def _check_stop(self, new_chars: int) -> str | None:
+        text = self.output_text
+        for stop in self.stop:
+            # Only a match that overlaps the new characters can be new.
+            start = max(0, len(text) - new_chars - len(stop) + 1)
+            i = text.find(stop, start)
+            if i >= 0:
+                self.output_text = text[: i + len(stop)] if self.include_stop else text[:i]
+                return stop
+        return None
+
+    def decode_token(self, token_id: int) -> str:
+        return self._decode([token_id])

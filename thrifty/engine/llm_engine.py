@@ -1,0 +1,248 @@
+"""LLMEngine: the synchronous step loop (schedule -> run the model -> update outputs)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from thrifty.config import EngineConfig
+from thrifty.core.kv_cache_manager import KVCacheManager
+from thrifty.core.request import Request, RequestStatus
+from thrifty.core.scheduler import Scheduler, SchedulerConfig
+from thrifty.engine.detokenizer import IncrementalDetokenizer
+from thrifty.model.loader import load_model, load_tokenizer, resolve_model
+from thrifty.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from thrifty.sampling_params import SamplingParams
+from thrifty.worker.model_runner import ModelRunner, SampledToken, kv_budget_bytes, num_kv_blocks
+
+PromptType = str | dict | list[int]
+
+
+@dataclass
+class _Sequence:
+    """Output-side state of one sampled sequence (one of a request's n)."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float = 0.0
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[_Sequence]
+    metrics: RequestMetrics
+    num_unfinished: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Counters for benchmarks and metrics."""
+
+    num_steps: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    kv_blocks_peak: int = 0
+    kv_slots_allocated: int = 0  # summed over steps: slots held by running requests
+    kv_slots_used: int = 0  # summed over steps: of those, slots holding a computed token
+    step_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def kv_waste_frac(self) -> float:
+        return 1.0 - self.kv_slots_used / self.kv_slots_allocated if self.kv_slots_allocated else 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        device = torch.device(config.resolve_device())
+        self.dtype = config.resolve_dtype(device.type)
+        if device.type == "cpu":
+            torch.set_num_threads(config.resolve_num_threads())
+        self.source = resolve_model(config.model, config.load_format)
+        self.model_name = self.source.name
+        model = load_model(self.source, self.dtype, device, config.seed)
+        cfg = model.config
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's context length "
+                             f"({cfg.max_position_embeddings})")
+        self.tokenizer = load_tokenizer(self.source)
+        budget = kv_budget_bytes(device, config.kv_cache_memory, config.gpu_memory_utilization)
+        num_blocks = num_kv_blocks(model, self.dtype, config.block_size, budget)
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"kv_cache_memory: {budget / (1 << 30):.4g} GiB holds {num_blocks * config.block_size} tokens, "
+                f"fewer than one full-length request (max_model_len={self.max_model_len}); "
+                f"raise kv_cache_memory or lower max_model_len"
+            )
+        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                            config.scheduler_policy),
+            self.kv_cache_manager,
+        )
+        self.runner = ModelRunner(model, device, self.dtype, config.block_size, num_blocks, config.seed)
+        self.vocab_size = cfg.vocab_size
+        self.eos_token_ids = frozenset(cfg.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        )
+        self.stats = EngineStats()
+        self._states: dict[str, _RequestState] = {}
+        self._seq_parent: dict[str, _RequestState] = {}
+        self._ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self.tokenize_prompt(prompt["prompt"])
+            raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt: expected a string, a token id list or a dict, got {type(prompt).__name__}")
+
+    def validate(self, prompt_token_ids: list[int]) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt: empty prompt (it has no tokens)")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt: {n} tokens, longer than the context allows (max_model_len="
+                             f"{self.max_model_len}, which must also leave room for one generated token)")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids: {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+
+    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        params = params or SamplingParams()
+        text, ids = self.tokenize_prompt(prompt)
+        self.validate(ids)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._states:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        state = _RequestState(request_id, text, ids, [], RequestMetrics(arrival), params.n)
+        leader = None
+        for i in range(params.n):
+            child_params = params.clone()
+            child_params.n = 1
+            if params.seed is not None:
+                child_params.seed = params.seed + i  # siblings must not repeat each other
+            child_params.all_stop_token_ids = set(self.eos_token_ids)
+            seq_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            req = Request(seq_id, ids, child_params, self.eos_token_ids, arrival,
+                          cache_salt=request_id if params.n > 1 else None, leader=leader)
+            leader = leader or (req if params.n > 1 else None)
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
+                                           params.include_stop_str_in_output)
+            state.seqs.append(_Sequence(req, detok, [] if params.logprobs is not None else None))
+            self._seq_parent[seq_id] = state
+        self._states[request_id] = state
+        for seq in state.seqs:
+            self.scheduler.add_request(seq.request)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return
+        for seq in state.seqs:
+            self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
+            self._forget(seq.request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        sampled = self.runner.execute(out)
+        self._count_tokens(out, len(sampled))
+        self.scheduler.update_from_output(out, {rid: t.token_id for rid, t in sampled.items()})
+        now = time.monotonic()
+        self._record_kv_usage()
+        touched: dict[str, _RequestState] = {}
+        for s in out.scheduled:
+            req = s.request
+            state = self._seq_parent.get(req.request_id)
+            if state is None:
+                continue
+            if state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = req.first_scheduled_time
+            token = sampled.get(req.request_id)
+            if token is not None:
+                self._process_token(state, req, token, now)
+                touched[state.request_id] = state
+        return [self._make_output(state) for state in touched.values()]
+
+    def _process_token(self, state: _RequestState, req: Request, token: SampledToken, now: float) -> None:
+        seq = next(q for q in state.seqs if q.request is req)
+        metrics = state.metrics
+        metrics.first_token_time = metrics.first_token_time or now
+        metrics.last_token_time = now
+        seq.cumulative_logprob += token.logprob
+        if seq.logprobs is not None:
+            entry = {token.token_id: Logprob(token.logprob, None, seq.detok.decode_token(token.token_id))}
+            for rank, (tid, lp) in enumerate(token.top_logprobs or (), start=1):
+                if tid == token.token_id:
+                    entry[tid].rank = rank
+                else:
+                    entry[tid] = Logprob(lp, rank, seq.detok.decode_token(tid))
+            seq.logprobs.append(entry)
+        # A stop token (EOS or stop_token_ids) ends the text without adding its own.
+        stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
+        stop = None
+        if not stopped_by_token or req.sampling_params.include_stop_str_in_output:
+            stop = seq.detok.add_token(token.token_id)
+        if stop is not None and not req.is_finished:
+            req.stop_reason = stop
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+        if req.is_finished:
+            self._forget(req.request_id)
+            state.num_unfinished -= 1
+            if state.num_unfinished == 0:
+                metrics.finished_time = now
+                self._states.pop(state.request_id, None)
+
+    def _forget(self, seq_id: str) -> None:
+        self.runner.free_request(seq_id)
+        self._seq_parent.pop(seq_id, None)
+
+    def _make_output(self, state: _RequestState) -> RequestOutput:
+        outputs = [
+            CompletionOutput(i, seq.detok.output_text, seq.request.output_token_ids, seq.cumulative_logprob,
+                             seq.logprobs, seq.request.status.finish_reason, seq.request.stop_reason)
+            for i, seq in enumerate(state.seqs)
+        ]
+        leader = state.seqs[0].request
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs,
+                             state.num_unfinished == 0, state.metrics, max(leader.num_cached_tokens, 0))
+
+    def _count_tokens(self, out, num_sampled: int) -> None:
+        st = self.stats
+        st.num_steps += 1
+        st.step_tokens.append(out.total_num_scheduled_tokens)
+        for s in out.scheduled:
+            prompt_left = s.request.num_prompt_tokens - s.request.num_computed_tokens
+            st.num_prompt_tokens += max(0, min(prompt_left, s.num_new_tokens))
+        st.num_generation_tokens += num_sampled
+
+    def _record_kv_usage(self) -> None:
+        st, kv = self.stats, self.kv_cache_manager
+        st.kv_blocks_peak = max(st.kv_blocks_peak, kv.pool.num_used_blocks)
+        running = self.scheduler.running
+        st.kv_slots_allocated += sum(len(kv.req_to_blocks.get(r.request_id, ())) for r in running) * kv.block_size
+        st.kv_slots_used += sum(r.num_computed_tokens for r in running)

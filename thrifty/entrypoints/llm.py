@@ -1,0 +1,80 @@
+"""The offline API: `LLM(...).generate(prompts, sampling_params)`, as in vLLM."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from thrifty.config import EngineConfig
+from thrifty.engine.llm_engine import LLMEngine, PromptType
+from thrifty.outputs import RequestOutput
+from thrifty.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs):
+        """kwargs are EngineConfig fields (dtype, device, max_model_len, kv_cache_memory,
+        enable_prefix_caching, max_num_seqs, max_num_batched_tokens, block_size, seed, ...)."""
+        unknown = set(kwargs) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"LLM: unknown argument(s) {sorted(unknown)}")
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        engine = self.llm_engine
+        # Validate everything before any work starts, so a bad prompt rejects the whole call.
+        tokenized = [engine.tokenize_prompt(p) for p in prompts]
+        for _, ids in tokenized:
+            engine.validate(ids)
+        ids = [engine.add_request({"prompt": text, "prompt_token_ids": tok}, sp)
+               for (text, tok), sp in zip(tokenized, params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.get_tokenizer()
+        prompts = [
+            {"prompt_token_ids": tok.apply_chat_template(
+                conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                tokenize=True, return_dict=False)}
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finished[i] for i in request_ids]

@@ -1,0 +1,264 @@
+"""Turns one step's logits into next tokens, following vLLM's order of operations.
+
+Order: min_tokens masking -> penalties -> greedy argmax | (temperature -> top_k -> top_p
+-> min_p -> exponential-race sampling). Logprobs are always taken from the raw logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from thrifty.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingInput:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    # Set when params.seed is given, so the request's samples do not depend on its batch mates.
+    generator: torch.Generator | None
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+# ---------------------------------------------------------------------------
+# Logit processing shared by greedy and random rows
+
+
+def apply_min_tokens(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.Tensor:
+    """Return logits with stop tokens masked for rows that have not reached min_tokens."""
+    vocab = logits.shape[1]
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, inp in enumerate(inputs):
+        params = inp.params
+        if len(inp.output_token_ids) >= params.min_tokens:
+            continue
+        for tok in set(params.all_stop_token_ids) | set(params.stop_token_ids or ()):
+            if 0 <= tok < vocab:
+                rows.append(i)
+                cols.append(tok)
+    if not rows:
+        return logits
+    out = logits.clone()
+    out[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = -math.inf
+    return out
+
+
+def _uses_penalties(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0
+        or params.frequency_penalty != 0.0
+        or params.presence_penalty != 0.0
+    )
+
+
+def _token_counts(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(seqs), vocab] float counts of each token per sequence."""
+    # Pad with an extra "vocab" column that is dropped afterwards, so ragged rows need no mask.
+    width = max(1, max(len(s) for s in seqs))
+    padded = [s + [vocab] * (width - len(s)) for s in seqs]
+    ids = torch.tensor(padded, dtype=torch.long, device=device)
+    counts = torch.zeros(len(seqs), vocab + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.Tensor:
+    """Return logits with repetition/frequency/presence penalties applied (out of place)."""
+    rows = [i for i, inp in enumerate(inputs) if _uses_penalties(inp.params)]
+    if not rows:
+        return logits
+    device = logits.device
+    vocab = logits.shape[1]
+    picked = [inputs[i] for i in rows]
+    row_idx = torch.tensor(rows, device=device)
+    sub = logits.index_select(0, row_idx)
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+    out_counts = _token_counts([inp.output_token_ids for inp in picked], vocab, device)
+    in_output = out_counts > 0
+
+    rep = [inp.params.repetition_penalty for inp in picked]
+    if any(r != 1.0 for r in rep):
+        # Prompts can be long; only scan them when a row actually has a repetition penalty.
+        prompt_seen = _token_counts([inp.prompt_token_ids for inp in picked], vocab, device) > 0
+        rep_t = column(rep)
+        penalized = torch.where(sub > 0, sub / rep_t, sub * rep_t)
+        sub = torch.where(prompt_seen | in_output, penalized, sub)
+
+    freq_t = column([inp.params.frequency_penalty for inp in picked])
+    pres_t = column([inp.params.presence_penalty for inp in picked])
+    sub = sub - freq_t * out_counts - pres_t * in_output.float()
+    return logits.index_copy(0, row_idx, sub)
+
+
+# ---------------------------------------------------------------------------
+# Random sampling
+
+
+def _apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Mask tokens outside top-k, then outside the top-p nucleus, with one sort for the batch."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if top_k is not None:
+        ranks = torch.arange(logits.shape[1], device=logits.device)
+        sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), -math.inf)
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        # Mass strictly before each token: a token stays while the set before it is still short
+        # of top_p. The first token's mass_before is exactly 0, so it is always kept.
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1), -math.inf)
+    return logits.scatter(1, order, sorted_logits)
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    # prob < min_p * max_prob  <=>  logit - max_logit < log(min_p): no softmax needed, and
+    # earlier top-k/top-p masking keeps the max token, so the threshold is unchanged by it.
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(1)
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+def _exponential_noise(
+    shape: torch.Size,
+    device: torch.device,
+    generators: list[torch.Generator | None],
+    default: torch.Generator,
+) -> torch.Tensor:
+    noise = torch.empty(shape, dtype=torch.float32, device=device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if len(unseeded) == len(generators):
+        noise.exponential_(generator=default)
+    else:
+        if unseeded:
+            idx = torch.tensor(unseeded, device=device)
+            fill = torch.empty(len(unseeded), shape[1], dtype=torch.float32, device=device)
+            noise[idx] = fill.exponential_(generator=default)
+        # Each seeded row draws exactly one vocab-sized block from its own generator, so its
+        # stream is independent of batch size and row position.
+        for i, gen in enumerate(generators):
+            if gen is not None:
+                noise[i].exponential_(generator=gen)
+    # A zero draw over a zero probability would give NaN, which argmax would pick.
+    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def _sample_random(
+    logits: torch.Tensor, inputs: list[SamplingInput], default: torch.Generator
+) -> torch.Tensor:
+    device = logits.device
+    vocab = logits.shape[1]
+    params = [inp.params for inp in inputs]
+
+    def vector(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    logits = logits / vector([p.temperature for p in params]).unsqueeze(1)
+
+    use_top_k = any(0 < p.top_k < vocab for p in params)
+    use_top_p = any(p.top_p < 1.0 for p in params)
+    if use_top_k or use_top_p:
+        top_k = vector([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long)
+        # inf, not 1.0, for rows without top_p: float32 cumsum can exceed 1.0 before the tail.
+        top_p = vector([p.top_p if p.top_p < 1.0 else math.inf for p in params])
+        logits = _apply_top_k_top_p(
+            logits, top_k if use_top_k else None, top_p if use_top_p else None
+        )
+    if any(p.min_p > 0.0 for p in params):
+        logits = _apply_min_p(logits, vector([p.min_p for p in params]))
+
+    probs = logits.softmax(dim=-1)
+    noise = _exponential_noise(probs.shape, device, [inp.generator for inp in inputs], default)
+    # Exponential race: argmax(p_i / E_i) is distributed as Categorical(p), and it avoids the
+    # device sync torch.multinomial needs.
+    return (probs / noise).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# Logprobs
+
+
+def _top_logprobs(
+    logprobs: torch.Tensor, inputs: list[SamplingInput]
+) -> list[list[tuple[int, float]] | None]:
+    result: list[list[tuple[int, float]] | None] = [
+        None if inp.params.logprobs is None else [] for inp in inputs
+    ]
+    rows = [i for i, inp in enumerate(inputs) if inp.params.logprobs]
+    if not rows:
+        return result
+    k_max = min(max(inputs[i].params.logprobs for i in rows), logprobs.shape[1])
+    row_idx = torch.tensor(rows, device=logprobs.device)
+    values, ids = logprobs.index_select(0, row_idx).topk(k_max, dim=-1)
+    values_l, ids_l = values.tolist(), ids.tolist()
+    for j, i in enumerate(rows):
+        k = min(inputs[i].params.logprobs, k_max)
+        result[i] = list(zip(ids_l[j][:k], values_l[j][:k]))
+    return result
+
+
+# ---------------------------------------------------------------------------
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None):
+        self._seed = seed
+        # One generator per device: a torch.Generator can only feed tensors on its own device.
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _default_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            if self._seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(self._seed)
+            self._generators[device] = gen
+        return gen
+
+    def __call__(self, logits: torch.Tensor, inputs: list[SamplingInput]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(inputs):
+            raise ValueError(f"logits shape {tuple(logits.shape)} does not match {len(inputs)} inputs")
+        if not inputs:
+            return SamplerOutput([], [], [])
+        raw = logits.float()  # no copy for float32 input, so nothing below may write in place
+
+        processed = apply_penalties(apply_min_tokens(raw, inputs), inputs)
+
+        random_rows = [i for i, inp in enumerate(inputs) if not inp.params.greedy]
+        if len(random_rows) == len(inputs):
+            tokens = _sample_random(processed, inputs, self._default_generator(raw.device))
+        else:
+            tokens = processed.argmax(dim=-1)
+            if random_rows:
+                idx = torch.tensor(random_rows, device=raw.device)
+                sampled = _sample_random(
+                    processed.index_select(0, idx),
+                    [inputs[i] for i in random_rows],
+                    self._default_generator(raw.device),
+                )
+                tokens = tokens.index_copy(0, idx, sampled)
+
+        # log_softmax is one fused kernel on CPU and CUDA, whereas torch.logsumexp runs several
+        # passes, so gathering from it is the cheaper way to get the sampled token's logprob.
+        logprobs = raw.log_softmax(dim=-1)
+        token_logprobs = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        return SamplerOutput(
+            token_ids=tokens.tolist(),
+            logprobs=token_logprobs.tolist(),
+            top_logprobs=_top_logprobs(logprobs, inputs),
+        )

