@@ -42,7 +42,9 @@ class BlockPool:
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         # block_id -> block, in eviction order (front = least recently freed).
         self._free: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
-        self._cached: dict[BlockHash, KVCacheBlock] = {}
+        # hash -> {block_id: block}: two requests may compute the same block independently;
+        # either copy serves a hit, and evicting one leaves the other findable.
+        self._cached: dict[BlockHash, dict[int, KVCacheBlock]] = {}
         self.num_evictions = 0
 
     @property
@@ -58,7 +60,8 @@ class BlockPool:
         return self.num_used_blocks / self.num_blocks
 
     def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
-        return self._cached.get(block_hash)
+        copies = self._cached.get(block_hash)
+        return next(iter(copies.values())) if copies else None
 
     def get_new_blocks(self, n: int) -> list[KVCacheBlock]:
         if n > len(self._free):
@@ -87,18 +90,20 @@ class BlockPool:
                 self._free[block.block_id] = block
 
     def cache_block(self, block: KVCacheBlock, block_hash: BlockHash) -> None:
-        """Register a full, computed block under its hash (first writer wins)."""
+        """Register a full, computed block under its hash (a block's hash never changes)."""
         if block.block_hash is not None:
             return
         block.block_hash = block_hash
-        self._cached.setdefault(block_hash, block)
+        self._cached.setdefault(block_hash, {})[block.block_id] = block
 
     def _evict(self, block: KVCacheBlock) -> None:
         if block.block_hash is None:
             return
-        if self._cached.get(block.block_hash) is block:
-            del self._cached[block.block_hash]
+        copies = self._cached.get(block.block_hash)
+        if copies is not None and copies.pop(block.block_id, None) is not None:
             self.num_evictions += 1
+            if not copies:
+                del self._cached[block.block_hash]
         block.block_hash = None
 
     def reset_prefix_cache(self) -> None:

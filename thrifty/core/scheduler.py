@@ -155,9 +155,8 @@ class Scheduler:
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             # Reserve the whole request (prompt + max_tokens) as contiguous allocators do.
             max_len = min(request.num_prompt_tokens + request.max_tokens, self.config.max_model_len)
-            num_reserved = max_len - request.num_tokens
-            num_new = request.num_tokens - num_hit
-            if self.kv.allocate_slots(request, num_new, hit_blocks, num_reserved) is None:
+            # Reserve only: blocks enter the prefix cache as chunks are really computed.
+            if self.kv.allocate_slots(request, 0, hit_blocks, max_len - num_hit) is None:
                 break
             self.waiting.popleft()
             self._start(request, num_hit)

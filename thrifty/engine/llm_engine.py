@@ -129,7 +129,8 @@ class LLMEngine:
         text, ids = self.tokenize_prompt(prompt)
         self.validate(ids)
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self._states:
+        seq_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
+        if request_id in self._states or any(i in self._seq_parent for i in seq_ids):
             raise ValueError(f"request_id {request_id!r} is already in use")
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         state = _RequestState(request_id, text, ids, [], RequestMetrics(arrival), params.n)
@@ -140,7 +141,7 @@ class LLMEngine:
             if params.seed is not None:
                 child_params.seed = params.seed + i  # siblings must not repeat each other
             child_params.all_stop_token_ids = set(self.eos_token_ids)
-            seq_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            seq_id = seq_ids[i]
             req = Request(seq_id, ids, child_params, self.eos_token_ids, arrival,
                           cache_salt=request_id if params.n > 1 else None, leader=leader)
             leader = leader or (req if params.n > 1 else None)
@@ -160,6 +161,10 @@ class LLMEngine:
         for seq in state.seqs:
             self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
             self._forget(seq.request.request_id)
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+        self.scheduler.num_preemptions = 0
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

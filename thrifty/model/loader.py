@@ -3,6 +3,7 @@ dummy weights built from a config. Nothing is downloaded: a model is a local pat
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -135,8 +136,7 @@ def load_tokenizer(source: ModelSource):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if source.kind == "gguf":
-        p = Path(source.path)
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        return _gguf_tokenizer(Path(source.path))
     folder = Path(source.path)
     folder = folder if folder.is_dir() else folder.parent
     if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
@@ -144,3 +144,26 @@ def load_tokenizer(source: ModelSource):
     if source.kind == "dummy":
         return load_tokenizer(resolve_model(None))
     raise ValueError(f"model: no tokenizer files in {str(folder)!r}")
+
+
+def _gguf_tokenizer(path: Path):
+    """Converting a GGUF vocabulary takes seconds; keep the converted tokenizer in a cache
+    folder keyed by the file's identity and load it from there next time."""
+    from transformers import AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("THRIFTY_CACHE", Path.home() / ".cache" / "thrifty")) / "tokenizers" / key
+    if (cache / "tokenizer.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache))
+        except Exception:  # a damaged cache entry: rebuild it below
+            pass
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, cache) if not cache.exists() else None
+    except OSError:
+        pass  # a read-only home: just convert every time
+    return tokenizer

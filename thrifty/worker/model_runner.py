@@ -48,9 +48,10 @@ class ModelRunner:
         self.num_blocks = num_blocks
         cfg = model.config
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        # torch.empty: pages are only touched (committed) as blocks get used.
+        # Zeroed, not empty: padded slots of a block are read (with zero weight) by attention,
+        # and 0 * NaN garbage would poison the output.
         self.kv_caches = [
-            (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_hidden_layers)
         ]
         self.sampler = Sampler(seed)

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real default model (thrifty and transformers on the same weights)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Prompts of varied shape: prose, code, a list, a chat-like question, a long one.
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived",
+    "1, 2, 3, 4,",
+    "Question: What is the boiling point of water in Celsius?\nAnswer:",
+    "import numpy as np\n\n# Compute the mean of a list of numbers\ndef mean(xs):",
+    "The three primary colors are",
+    " ".join(["The history of computing spans many decades and many inventions."] * 6),
+]
+MAX_NEW = 64
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from thrifty import LLM
+
+    return LLM(dtype="float32", seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    from thrifty.model.loader import default_model_path
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(llm, hf_model):
+    """transformers' greedy continuation of every prompt, one at a time (no padding)."""
+    tok = llm.get_tokenizer()
+    eos = sorted(llm.llm_engine.eos_token_ids)
+    refs = []
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            ids = torch.tensor([tok.encode(prompt)])
+            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+                                    do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+            refs.append(out[0, ids.shape[1]:].tolist())
+    return refs

@@ -1,0 +1,101 @@
+"""The engine against HuggingFace transformers on the same weights (the default model, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import MAX_NEW, PROMPTS
+from thrifty import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
+
+
+def _tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_prefill_logprobs_match_transformers(llm, hf_model):
+    tok = llm.get_tokenizer()
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=1, logprobs=10), use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.inference_mode():
+            ref = torch.log_softmax(hf_model(ids).logits[0, -1].float(), -1)
+        top = out.outputs[0].logprobs[0]
+        assert len(top) == 10
+        for token_id, lp in top.items():
+            assert lp.logprob == pytest.approx(ref[token_id].item(), abs=2e-4)
+        assert out.outputs[0].token_ids[0] == int(ref.argmax())
+
+
+def test_greedy_matches_transformers_in_a_mixed_batch(llm, hf_greedy):
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert _tokens(outs) == hf_greedy
+    assert all(len(t) >= 16 for t in hf_greedy)  # the check covers real continuations
+    tok = llm.get_tokenizer()
+    for out, ref in zip(outs, hf_greedy):
+        assert out.outputs[0].text == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_greedy_matches_with_forced_preemption(hf_greedy):
+    # 24 blocks of 16 tokens: far less than 8 requests need, so requests are preempted and recomputed.
+    tiny = LLM(dtype="float32", max_model_len=256, kv_cache_memory=24 * 16 * 46080 / 2**30,
+               enable_prefix_caching=False)
+    assert tiny.llm_engine.kv_cache_manager.num_blocks == 24
+    outs = tiny.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert tiny.llm_engine.scheduler.num_preemptions > 0
+    assert _tokens(outs) == hf_greedy
+
+
+def test_greedy_matches_with_chunked_prefill(hf_greedy):
+    chunked = LLM(dtype="float32", max_num_batched_tokens=7)  # prompts split into many chunks
+    outs = chunked.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert max(chunked.llm_engine.stats.step_tokens) <= 7
+    assert _tokens(outs) == hf_greedy
+
+
+def test_greedy_matches_with_prefix_cache_hits(llm, hf_greedy):
+    first = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    again = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    long_prompt = PROMPTS[-1]
+    assert again[-1].num_cached_tokens >= 16 * (len(llm.get_tokenizer().encode(long_prompt)) // 16 - 1)
+    assert _tokens(again) == _tokens(first) == hf_greedy
+
+
+def test_shared_prefix_is_computed_once(llm):
+    engine = llm.llm_engine
+    system = "You are a careful assistant. Answer briefly and precisely. " * 8
+    prompts = [system + q for q in ("What is 2+2?", "Name a color.", "Say hi.")]
+    llm.generate(prompts[:1], SamplingParams(max_tokens=1), use_tqdm=False)
+    engine.reset_stats()
+    outs = llm.generate(prompts[1:], SamplingParams(max_tokens=1), use_tqdm=False)
+    shared = len(llm.get_tokenizer().encode(system)) // 16 * 16
+    assert all(o.num_cached_tokens >= shared - 16 for o in outs)
+    total = sum(len(o.prompt_token_ids) for o in outs)
+    assert engine.stats.num_prompt_tokens <= total - 2 * (shared - 16)
+
+
+def test_seeded_sampling_repeats_regardless_of_batch_mates(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24)
+    alone = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids
+    mates = [PROMPTS[3], PROMPTS[0], PROMPTS[5]]
+    mixed = llm.generate(mates, [SamplingParams(temperature=0.8, max_tokens=30), params,
+                                 SamplingParams(temperature=1.0, seed=7, max_tokens=10)], use_tqdm=False)
+    assert mixed[1].outputs[0].token_ids == alone
+    other_seed = llm.generate(PROMPTS[0], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=24),
+                              use_tqdm=False)[0].outputs[0].token_ids
+    assert other_seed != alone
+
+
+def test_n_samples_share_prompt_blocks(llm):
+    engine = llm.llm_engine
+    prompt = PROMPTS[-1]
+    n_prompt = len(llm.get_tokenizer().encode(prompt))
+    engine.kv_cache_manager.pool.reset_prefix_cache()
+    engine.reset_stats()
+    out = llm.generate(prompt, SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=8), use_tqdm=False)[0]
+    assert len(out.outputs) == 4 and [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # siblings are not copies of each other
+    # The prompt was computed once; the 3 followers only recomputed the partial last block.
+    assert engine.stats.num_prompt_tokens <= n_prompt + 3 * 16

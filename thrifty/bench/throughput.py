@@ -1,0 +1,89 @@
+"""`thrifty bench throughput`: offline throughput of the engine on a synthetic workload."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+import torch
+
+from thrifty.bench.datasets import make_dataset
+from thrifty.entrypoints.llm import LLM
+from thrifty.sampling_params import SamplingParams
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, output_len: int,
+                   ignore_eos: bool = True, seed: int = 0, use_tqdm: bool = True) -> dict:
+    engine = llm.llm_engine
+    tok = engine.tokenizer
+    special = set(tok.all_special_ids) | set(engine.eos_token_ids)
+    requests = make_dataset(dataset, num_prompts, input_len, output_len, engine.vocab_size, special,
+                            engine.max_model_len, seed)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=ignore_eos) for r in requests]
+    # Warm up allocator and kernels with one tiny request so the clock measures steady work.
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    engine.reset_stats()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    elapsed = time.perf_counter() - start
+
+    num_in = sum(len(r.prompt_token_ids) for r in requests)
+    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    kv = engine.kv_cache_manager
+    return {
+        "model": engine.model_name,
+        "scheduler": engine.config.scheduler_policy,
+        "dataset": dataset,
+        "num_prompts": num_prompts,
+        "input_len": input_len,
+        "output_len": output_len,
+        "elapsed_s": round(elapsed, 3),
+        "requests_per_s": round(num_prompts / elapsed, 3),
+        "output_tokens_per_s": round(num_out / elapsed, 2),
+        "total_tokens_per_s": round((num_in + num_out) / elapsed, 2),
+        "kv_blocks_total": kv.num_blocks,
+        "kv_blocks_peak": engine.stats.kv_blocks_peak,
+        "kv_waste_frac": round(engine.stats.kv_waste_frac, 4),
+        "total_input_tokens": num_in,
+        "total_output_tokens": num_out,
+        "num_steps": engine.stats.num_steps,
+        "num_preemptions": engine.scheduler.num_preemptions,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "device": str(engine.runner.device),
+        "threads": torch.get_num_threads(),
+        "max_num_seqs": engine.config.max_num_seqs,
+        "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def print_table(result: dict) -> None:
+    keys = ["model", "scheduler", "dataset", "num_prompts", "elapsed_s", "requests_per_s",
+            "output_tokens_per_s", "total_tokens_per_s", "kv_blocks_peak", "kv_blocks_total", "kv_waste_frac"]
+    width = max(map(len, keys))
+    print("=" * 20 + " thrifty bench throughput " + "=" * 20)
+    for k in keys:
+        print(f"{k:<{width}}  {result[k]}")
+
+
+def write_json(result: dict, path: str | None) -> None:
+    line = json.dumps(result)
+    print(line)
+    if path:
+        with open(path, "w") as f:
+            f.write(line + "\n")
