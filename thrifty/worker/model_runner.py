@@ -9,7 +9,7 @@ import torch
 
 from thrifty.core.kv_cache_manager import cdiv
 from thrifty.core.scheduler import ScheduledRequest, SchedulerOutput
-from thrifty.layers.attention import AttentionMetadata, PrefillSeq
+from thrifty.layers.attention import AttentionMetadata, FreshPrefillGroup, PrefillSeq
 from thrifty.layers.sampler import Sampler, SamplingInput
 from thrifty.model.llama import LlamaForCausalLM
 
@@ -87,24 +87,32 @@ class ModelRunner:
             block_tables = torch.tensor(table, dtype=torch.long, device=dev)
             lens = torch.tensor(ctx, device=dev)
             mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
-        seqs = []
+        fresh, seqs = [], []
         start = len(decodes)
         for s in prefills:
             done = s.request.num_computed_tokens
-            ctx = done + s.num_new_tokens
-            seq_mask = None
-            if done:  # a cached prefix or an earlier chunk: causal offset by `done`
+            n = s.num_new_tokens
+            if done == 0:
+                last = fresh[-1] if fresh else None
+                if last is not None and last.query_len == n and last.query_start + last.num_seqs * n == start:
+                    last.num_seqs += 1
+                else:
+                    fresh.append(FreshPrefillGroup(start, 1, n))
+            else:  # a cached prefix or an earlier chunk: causal, offset by `done`
+                ctx = done + n
                 q_pos = torch.arange(done, ctx, device=dev)[:, None]
-                seq_mask = torch.arange(ctx, device=dev)[None, :] <= q_pos
-            blocks = torch.tensor(s.block_ids[: cdiv(ctx, bs)], dtype=torch.long, device=dev)
-            seqs.append(PrefillSeq(start, s.num_new_tokens, blocks, ctx, seq_mask))
-            start += s.num_new_tokens
-        return AttentionMetadata(slot_mapping, len(decodes), block_tables, mask, seqs)
+                causal = torch.arange(ctx, device=dev)[None, :] <= q_pos
+                blocks = torch.tensor(s.block_ids[: cdiv(ctx, bs)], dtype=torch.long, device=dev)
+                seqs.append(PrefillSeq(start, n, blocks, ctx, causal))
+            start += n
+        return AttentionMetadata(slot_mapping, len(decodes), block_tables, mask, fresh, seqs)
 
     # -- the step -------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
         decodes = [s for s in out.scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in out.scheduled if s.num_new_tokens > 1]
+        # Fresh prefills of equal length side by side, so they share one attention call.
+        prefills = sorted((s for s in out.scheduled if s.num_new_tokens > 1),
+                          key=lambda s: (s.request.num_computed_tokens > 0, s.num_new_tokens))
         batch = decodes + prefills
         input_ids, positions, slot_mapping = self._prepare(batch)
         meta = self._attention_metadata(decodes, prefills, slot_mapping)
