@@ -58,6 +58,9 @@ def test_stop_strings_cut_cleanly(llm):
                                                    include_stop_str_in_output=True),
                         use_tqdm=False)[0].outputs[0]
     assert kept.text == full[: full.index("7,") + 2]
+    either = llm.generate(PROMPTS[3], SamplingParams(temperature=0, max_tokens=40, stop=["9,", "7,"]),
+                          use_tqdm=False)[0].outputs[0]
+    assert either.text == cut.text and either.stop_reason == "7,"  # the earliest match, not the first listed
 
 
 def test_stop_token_ids_min_tokens_and_length(llm):

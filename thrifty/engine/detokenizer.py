@@ -43,14 +43,17 @@ class IncrementalDetokenizer:
 
     def _check_stop(self, new_chars: int) -> str | None:
         text = self.output_text
+        best: tuple[int, str] | None = None
         for stop in self.stop:
             # Only a match that overlaps the new characters can be new.
-            start = max(0, len(text) - new_chars - len(stop) + 1)
-            i = text.find(stop, start)
-            if i >= 0:
-                self.output_text = text[: i + len(stop)] if self.include_stop else text[:i]
-                return stop
-        return None
+            i = text.find(stop, max(0, len(text) - new_chars - len(stop) + 1))
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, stop)
+        if best is None:
+            return None
+        i, stop = best  # the earliest match wins, whatever the order of the list
+        self.output_text = text[: i + len(stop)] if self.include_stop else text[:i]
+        return stop
 
     def decode_token(self, token_id: int) -> str:
         return self._decode([token_id])

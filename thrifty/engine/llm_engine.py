@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -51,7 +51,7 @@ class EngineStats:
     kv_blocks_peak: int = 0
     kv_slots_allocated: int = 0  # summed over steps: slots held by running requests
     kv_slots_used: int = 0  # summed over steps: of those, slots holding a computed token
-    step_tokens: list[int] = field(default_factory=list)
+    max_step_tokens: int = 0  # the most tokens any one step computed
 
     @property
     def kv_waste_frac(self) -> float:
@@ -239,7 +239,7 @@ class LLMEngine:
     def _count_tokens(self, out, num_sampled: int) -> None:
         st = self.stats
         st.num_steps += 1
-        st.step_tokens.append(out.total_num_scheduled_tokens)
+        st.max_step_tokens = max(st.max_step_tokens, out.total_num_scheduled_tokens)
         for s in out.scheduled:
             prompt_left = s.request.num_prompt_tokens - s.request.num_computed_tokens
             st.num_prompt_tokens += max(0, min(prompt_left, s.num_new_tokens))
