@@ -78,10 +78,9 @@ def _dummy_config_path(model: str) -> str:
 
 
 def load_hf_config(source: ModelSource) -> dict:
+    """config.json of a HF folder or a dummy model (a GGUF file's config comes with its weights)."""
     if source.kind == "gguf":
-        from thrifty.model.gguf_loader import load_gguf
-
-        return load_gguf(source.path)[0]
+        raise ValueError("load_hf_config: a GGUF file has no config.json; load_gguf returns its config")
     path = Path(source.path)
     return json.loads((path / "config.json" if path.is_dir() else path).read_text())
 
