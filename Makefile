@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Serves the default model on http://127.0.0.1:8000/v1 (Ctrl-C or SIGTERM stops it gracefully).
 run: $(STAMP)
-	$(VENV)/bin/thrifty generate --prompt "What is the capital of France?" --chat --max-tokens 64
+	$(VENV)/bin/thrifty serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q

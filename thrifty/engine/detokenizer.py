@@ -22,6 +22,9 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
         self.output_text = ""
+        # A stop string cut out of the text may begin in text already streamed, so streaming
+        # holds back the last len(stop) - 1 characters until more text or the end shows it safe.
+        self._hold_back = max((len(s) for s in stop), default=1) - 1 if not include_stop_str_in_output else 0
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
@@ -54,6 +57,12 @@ class IncrementalDetokenizer:
         i, stop = best  # the earliest match wins, whatever the order of the list
         self.output_text = text[: i + len(stop)] if self.include_stop else text[:i]
         return stop
+
+    def stable_text(self, finished: bool) -> str:
+        """The text a stream may show now: no later stop-string cut can take any of it back."""
+        if finished or not self._hold_back:
+            return self.output_text
+        return self.output_text[: max(0, len(self.output_text) - self._hold_back)]
 
     def decode_token(self, token_id: int) -> str:
         return self._decode([token_id])

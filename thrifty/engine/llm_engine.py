@@ -21,6 +21,14 @@ from thrifty.worker.model_runner import ModelRunner, SampledToken, kv_budget_byt
 PromptType = str | dict | list[int]
 
 
+class StepFailed(RuntimeError):
+    """The model failed on one step; its requests were aborted, the engine is consistent."""
+
+    def __init__(self, request_ids: list[str], cause: Exception):
+        super().__init__(f"the model step failed ({cause!r}); aborted requests {request_ids}")
+        self.request_ids = request_ids
+
+
 @dataclass
 class _Sequence:
     """Output-side state of one sampled sequence (one of a request's n)."""
@@ -94,6 +102,7 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         self.stats = EngineStats()
+        self.last_step_num_tokens = 0
         self._states: dict[str, _RequestState] = {}
         self._seq_parent: dict[str, _RequestState] = {}
         self._ids = itertools.count()
@@ -172,9 +181,18 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.last_step_num_tokens = out.total_num_scheduled_tokens
         if out.is_empty:
             return []
-        sampled = self.runner.execute(out)
+        try:
+            sampled = self.runner.execute(out)
+        except Exception as e:
+            # Only this step's requests are lost: free them so the engine can go on serving the rest.
+            failed = list(dict.fromkeys(self._seq_parent[s.request.request_id].request_id
+                                        for s in out.scheduled if s.request.request_id in self._seq_parent))
+            for request_id in failed:
+                self.abort_request(request_id)
+            raise StepFailed(failed, e) from e
         self._count_tokens(out, len(sampled))
         self.scheduler.update_from_output(out, {rid: t.token_id for rid, t in sampled.items()})
         now = time.monotonic()
@@ -228,7 +246,8 @@ class LLMEngine:
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         outputs = [
-            CompletionOutput(i, seq.detok.output_text, seq.request.output_token_ids, seq.cumulative_logprob,
+            CompletionOutput(i, seq.detok.stable_text(seq.request.is_finished), seq.request.output_token_ids,
+                             seq.cumulative_logprob,
                              seq.logprobs, seq.request.status.finish_reason, seq.request.stop_reason)
             for i, seq in enumerate(state.seqs)
         ]

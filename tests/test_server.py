@@ -1,0 +1,402 @@
+"""The OpenAI-compatible server: a real `thrifty serve` process on localhost, the official
+openai client (sync and async, streaming and not), raw HTTP for the error cases."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import PROMPTS
+from thrifty import SamplingParams
+
+pytestmark = pytest.mark.slow
+API_KEY = "sk-test"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Server:
+    def __init__(self, *args: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "thrifty.entrypoints.cli", "serve", "--port", str(self.port), "--dtype", "float32",
+             "--disable-uvicorn-access-log", "--log-level", "warning", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.proc.kill()
+        raise RuntimeError("server did not become healthy")
+
+    def stop(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = Server("--api-key", API_KEY)
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def http(server, method: str, path: str, key: str | None = API_KEY, **kw) -> httpx.Response:
+    headers = kw.pop("headers", {})
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.request(method, f"{server.url}{path}", headers=headers, timeout=60, **kw)
+
+
+def metrics(server) -> dict[str, float]:
+    """name{label=value,...} -> value, labels sorted."""
+    out = {}
+    for family in text_string_to_metric_families(http(server, "GET", "/metrics", key=None).text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def wait_idle(server, timeout: float = 15) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(server)
+        idle = (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"], m["vllm:kv_cache_usage_perc"])
+        if idle == (0, 0, 0) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+def stream_text(stream) -> tuple[dict[int, str], dict[int, str]]:
+    texts, reasons = {}, {}
+    for chunk in stream:
+        for c in chunk.choices:
+            piece = c.text if hasattr(c, "text") else (c.delta.content or "")
+            texts[c.index] = texts.get(c.index, "") + piece
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    return texts, reasons
+
+
+# -- parity with the offline engine ------------------------------------------------------------
+def test_completions_equal_llm_generate_streamed_and_not(client, model, llm):
+    for prompt in PROMPTS[:4]:
+        ref = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0].outputs[0]
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=32, temperature=0)
+        assert r.choices[0].text == ref.text
+        assert r.choices[0].finish_reason == ref.finish_reason
+        assert r.usage.completion_tokens == len(ref.token_ids)
+        assert r.usage.prompt_tokens == len(llm.get_tokenizer().encode(prompt))
+        texts, reasons = stream_text(client.completions.create(model=model, prompt=prompt, max_tokens=32,
+                                                               temperature=0, stream=True))
+        assert texts == {0: ref.text} and reasons == {0: ref.finish_reason}
+
+
+def test_chat_equals_llm_chat_streamed_and_not(client, model, llm):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ref = llm.chat(messages, SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].outputs[0]
+    r = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=40, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text and "Paris" in ref.text
+    assert r.choices[0].finish_reason == ref.finish_reason
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=40, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+
+
+def test_stop_strings_cut_the_same_streamed_and_not(client, model, llm):
+    prompt = PROMPTS[2]
+    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)[0].outputs[0].text
+    words = full.split()
+    stop = words[len(words) // 2] + " " + words[len(words) // 2 + 1]  # spans two tokens, mid-output
+    cut = full[: full.index(stop)]
+    for include in (False, True):
+        kw = dict(model=model, prompt=prompt, max_tokens=48, temperature=0, stop=[stop, "zzz-never"],
+                  extra_body={"include_stop_str_in_output": include})
+        r = client.completions.create(**kw)
+        expected = cut + stop if include else cut
+        assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+        texts, reasons = stream_text(client.completions.create(stream=True, **kw))
+        assert texts == {0: expected} and reasons == {0: "stop"}
+
+
+def test_n_seed_and_list_and_token_prompts(client, model, llm):
+    kw = dict(model=model, max_tokens=12, temperature=1.0, seed=7)
+    a = client.completions.create(prompt="Tell me a story:", n=3, **kw)
+    b = client.completions.create(prompt="Tell me a story:", n=3, **kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: repeats exactly
+    assert len({c.text for c in a.choices}) > 1  # siblings differ
+    texts, _ = stream_text(client.completions.create(prompt="Tell me a story:", n=3, stream=True, **kw))
+    assert texts == {c.index: c.text for c in a.choices}
+    assert 3 <= a.usage.completion_tokens <= 36
+
+    ids = llm.get_tokenizer().encode(PROMPTS[0])
+    r = client.completions.create(model=model, prompt=[PROMPTS[0], PROMPTS[3]], n=2, max_tokens=8, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text  # greedy siblings agree
+    by_ids = client.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text
+    many = client.completions.create(model=model, prompt=[ids, ids], max_tokens=8, temperature=0)
+    assert [c.text for c in many.choices] == [r.choices[0].text] * 2
+    assert many.usage.prompt_tokens == 2 * len(ids)
+
+
+def test_echo_and_logprobs(client, model):
+    r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0, echo=True)
+    plain = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert r.choices[0].text == PROMPTS[0] + plain.choices[0].text
+    texts, _ = stream_text(client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                                     echo=True, stream=True))
+    assert texts[0] == r.choices[0].text
+
+    r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 3 <= len(top) <= 4 and value <= 0
+        assert abs(max(top.values()) - value) < 1e-4  # greedy: the chosen token is the top one
+
+    c = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+    assert all(t.bytes == list(t.token.encode()) for t in content)
+
+
+def test_usage_in_stream_and_cached_tokens(client, model):
+    prompt = "A unique preamble for the cache test. " * 8  # several full blocks
+    first = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+    again = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 32 and cached % 16 == 0 and cached < again.usage.prompt_tokens
+    chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 4
+    assert last.usage.prompt_tokens == first.usage.prompt_tokens
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 4
+    assert last.usage.prompt_tokens_details.cached_tokens == cached
+
+
+def test_async_client_streams_concurrently(server, model):
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+        async def one(prompt):
+            r = await aclient.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0)
+            s = await aclient.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0,
+                                                 stream=True)
+            text = "".join([c.choices[0].text async for c in s if c.choices])
+            return r.choices[0].text, text
+
+        results = await asyncio.gather(*(one(p) for p in PROMPTS))
+        await aclient.close()
+        return results
+
+    for whole, streamed in asyncio.run(main()):
+        assert whole == streamed
+
+
+# -- endpoints and errors ----------------------------------------------------------------------
+def test_open_and_protected_routes(server, model):
+    assert http(server, "GET", "/health", key=None).status_code == 200
+    assert http(server, "GET", "/metrics", key=None).status_code == 200
+    assert http(server, "GET", "/version", key=None).json()["version"]
+    for key in (None, "wrong"):
+        r = http(server, "GET", "/v1/models", key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = http(server, "POST", "/v1/completions", key=key, json={"prompt": "hi"})
+        assert r.status_code == 401
+    data = http(server, "GET", "/v1/models").json()["data"]
+    assert data[0]["id"] == model and data[0]["object"] == "model" and data[0]["max_model_len"] > 0
+
+
+def test_tokenize_detokenize(server, llm):
+    r = http(server, "POST", "/tokenize", json={"prompt": PROMPTS[2]}).json()
+    assert r["tokens"] == llm.get_tokenizer().encode(PROMPTS[2]) and r["count"] == len(r["tokens"])
+    assert http(server, "POST", "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == PROMPTS[2]
+    chat = http(server, "POST", "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["count"] > 3
+    assert http(server, "POST", "/detokenize", json={"tokens": [-1]}).status_code == 400
+
+
+@pytest.mark.parametrize("path,body,status,param,words", [
+    ("/v1/completions", b"{oops", 400, None, "Malformed JSON"),
+    ("/v1/completions", b"[1]", 400, None, "dictionary"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "x"}, 400, "max_tokens", "integer"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "greater"),
+    ("/v1/completions", {"prompt": "hi", "temperature": -0.5}, 400, "temperature", "greater"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", "greater"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", "greater"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs", "less"),
+    ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k", "top_k"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 9000}, 400, "max_tokens", "8192 tokens"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": [10 ** 7]}, 400, "prompt", "vocabulary"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "required"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format",
+     "not supported"),
+    ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "model", "does not exist"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "list"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages", "only text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 8190},
+     400, "max_completion_tokens", "in the completion"),
+    ("/v1/nowhere", {}, 404, None, "Not Found"),
+])
+def test_errors_are_openai_error_objects(server, path, body, status, param, words):
+    kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = http(server, "POST", path, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and words in err["message"]
+
+
+def test_max_tokens_over_context_message_gives_the_numbers(server):
+    r = http(server, "POST", "/v1/completions", json={"prompt": "hi there", "max_tokens": 8191})
+    msg = r.json()["error"]["message"]
+    assert r.status_code == 400 and "8192" in msg and "8193" in msg and "8191 in the completion" in msg
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(server, model):
+    before = metrics(server).get('vllm:request_success_total{finished_reason=abort}', 0)
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": model, "prompt": PROMPTS[7], "max_tokens": 2000, "ignore_eos": True,
+                            "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: {") for line in got)
+        assert metrics(server)["vllm:kv_cache_usage_perc"] > 0
+    m = wait_idle(server, timeout=10)
+    assert (m["vllm:num_requests_running"], m["vllm:kv_cache_usage_perc"]) == (0, 0)
+    assert m['vllm:request_success_total{finished_reason=abort}'] == before + 1
+
+
+def test_metrics_names_and_counts(server, client, model):
+    before = metrics(server)
+    r = client.completions.create(model=model, prompt="Count these prompt tokens exactly.", max_tokens=7,
+                                  temperature=0, extra_body={"ignore_eos": True})
+    after = metrics(server)
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    assert delta["vllm:prompt_tokens_total"] == r.usage.prompt_tokens
+    assert delta["vllm:generation_tokens_total"] == 7
+    assert delta["vllm:request_success_total{finished_reason=length}"] == 1
+    assert delta["vllm:time_to_first_token_seconds_count"] == 1
+    assert delta["vllm:e2e_request_latency_seconds_count"] == 1
+    assert delta["vllm:request_queue_time_seconds_count"] == 1
+    assert delta["vllm:inter_token_latency_seconds_count"] >= 1
+    assert delta["vllm:iteration_tokens_total_sum"] == r.usage.prompt_tokens + 6  # the last token is not fed back
+    assert delta["vllm:prefix_cache_queries_total"] == r.usage.prompt_tokens
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prompt_tokens_cached_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total"):
+        assert name in after
+    text = http(server, "GET", "/metrics", key=None).text
+    assert f'vllm:num_requests_running{{model_name="{model}"}}' in text
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("server_load", ROOT / "benchmarks" / "server_load.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_load_200_streams_with_disconnects_and_malformed_bursts(server):
+    result = asyncio.run(_load_module().run_load(server.url, API_KEY, num_requests=200, disconnect_frac=0.2))
+    assert result["failures"] == 0 and result["status_5xx"] == 0, result["errors"]
+    assert result["usage_mismatches"] == 0, result["errors"]
+    assert result["completed"] == 160 and result["disconnected"] == 40
+    assert result["malformed_4xx"] == result["malformed_sent"] > 0
+    assert result["health_checks"] > 0 and result["health_not_200"] == 0
+    m = wait_idle(server)
+    assert (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"], m["vllm:kv_cache_usage_perc"]) == (0, 0, 0)
+
+
+# -- a second server: queue limit and graceful shutdown ----------------------------------------
+def test_429_when_queue_full_then_graceful_shutdown():
+    srv = Server("--max-num-seqs", "1", "--max-waiting-requests", "1", "--shutdown-timeout", "60")
+    try:
+        body = {"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+        results: list[httpx.Response] = []
+
+        def post():
+            results.append(httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120))
+
+        threads = [threading.Thread(target=post) for _ in range(6)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in results)
+        assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
+        limited = next(r for r in results if r.status_code == 429)
+        assert limited.headers["Retry-After"] == "1"
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert all(r.json()["usage"]["completion_tokens"] == 24 for r in results if r.status_code == 200)
+
+        # SIGTERM mid-stream: the running request still finishes, new connections are refused.
+        got: list[str] = []
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "max_tokens": 60, "stream": True},
+                          timeout=120) as r:
+            lines = r.iter_lines()
+            got.append(next(lines))
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{srv.url}/health", timeout=2)
+            got.extend(lines)
+        data = [line for line in got if line.startswith("data: {")]
+        assert "data: [DONE]" in got
+        assert '"finish_reason": "length"' in data[-1]
+        assert srv.proc.wait(60) == 0
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()

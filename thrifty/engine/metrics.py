@@ -1,0 +1,122 @@
+"""Prometheus metrics under vLLM's names (and a `model_name` label), so vLLM dashboards work.
+
+Per-request latencies and token counts are observed from the deltas each engine step hands
+out; queue lengths, KV usage, preemptions and prefix-cache counters are read from the engine
+when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from thrifty.engine.async_llm import AsyncLLM, StepObservation
+
+prometheus_client.disable_created_metrics()
+
+# vLLM's buckets, so histograms line up on shared dashboards.
+_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+_ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0]
+_REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                    240.0, 480.0, 960.0, 1920.0, 7680.0]
+_ITERATION_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+
+
+class _EngineStateCollector:
+    """Values the engine already keeps, read at scrape time."""
+
+    def __init__(self, llm: AsyncLLM, model_name: str):
+        self.llm = llm
+        self.model_name = model_name
+
+    def collect(self):
+        llm, engine = self.llm, self.llm.engine
+        kv = engine.kv_cache_manager
+        for name, doc, value in (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.", llm.num_running),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", llm.num_waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv.usage()),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric([self.model_name], value)
+            yield g
+        for name, doc, value in (
+            ("vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
+             engine.scheduler.num_preemptions),
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+             kv.prefix_cache_queries),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+             kv.prefix_cache_hits),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric([self.model_name], value)
+            yield c
+
+
+class EngineMetrics:
+    def __init__(self, llm: AsyncLLM, model_name: str):
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineStateCollector(llm, model_name))
+        labels = ["model_name"]
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels + list(extra), registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
+
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.").labels(model_name)
+        self.generation_tokens = counter("vllm:generation_tokens",
+                                         "Number of generation tokens processed.").labels(model_name)
+        self.prompt_tokens_cached = counter("vllm:prompt_tokens_cached",
+                                            "Number of cached prompt tokens (prefix-cache hits).").labels(model_name)
+        self._success = counter("vllm:request_success", "Count of successfully processed requests.",
+                                ("finished_reason",))
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              _TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             _ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             _REQUEST_BUCKETS)
+        self.queue_time = histogram("vllm:request_queue_time_seconds",
+                                    "Histogram of time spent in WAITING phase for request.", _REQUEST_BUCKETS)
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total",
+                                          "Histogram of number of tokens per engine_step.", _ITERATION_BUCKETS)
+        self.model_name = model_name
+        self._last_token_time: dict[str, float] = {}
+        llm.step_observers.append(self.observe_step)
+        llm.abort_observers.append(self.observe_abort)
+
+    def observe_step(self, obs: StepObservation) -> None:
+        self.iteration_tokens.observe(obs.num_tokens)
+        now = obs.end
+        for out in obs.outputs:
+            new_tokens = sum(len(c.token_ids) for c in out.outputs)
+            last = self._last_token_time.get(out.request_id)
+            if last is None:  # the request's first tokens
+                m = out.metrics
+                self.ttft.observe(now - m.arrival_time)
+                if m.first_scheduled_time is not None:
+                    self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
+                self.prompt_tokens.inc(len(out.prompt_token_ids))
+                self.prompt_tokens_cached.inc(out.num_cached_tokens)
+            elif new_tokens:
+                self.itl.observe(now - last)
+            self.generation_tokens.inc(new_tokens)
+            if out.finished:
+                self._last_token_time.pop(out.request_id, None)
+                self.e2e.observe(now - out.metrics.arrival_time)
+                reason = out.outputs[0].finish_reason or "stop"
+                self._success.labels(self.model_name, reason).inc()
+            elif new_tokens:
+                self._last_token_time[out.request_id] = now
+
+    def observe_abort(self, request_id: str) -> None:
+        self._last_token_time.pop(request_id, None)
+        self._success.labels(self.model_name, "abort").inc()
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)

@@ -1,0 +1,195 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLM, served by uvicorn.
+
+The model loads before the port opens. SIGTERM (or Ctrl-C) stops accepting connections, lets
+running requests finish for up to --shutdown-timeout seconds, then stops the engine and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import signal
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import thrifty
+from thrifty.config import EngineConfig
+from thrifty.engine.async_llm import AsyncLLM, EngineDeadError
+from thrifty.engine.metrics import EngineMetrics
+from thrifty.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                                 TokenizeRequest)
+from thrifty.entrypoints.openai.serving import APIError, OpenAIServing, bad_request
+
+logger = logging.getLogger("thrifty.server")
+
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})  # reachable without an API key
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return f"Malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {e.get('msg')}")
+    return "; ".join(parts), param
+
+
+def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: list[str] | None = None,
+              chat_template: str | None = None, model_root: str | None = None) -> FastAPI:
+    serving = OpenAIServing(llm, served_model_names, chat_template)
+    metrics = EngineMetrics(llm, served_model_names[0])
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        llm.start()
+        yield
+        await llm.shutdown()
+
+    app = FastAPI(title="thrifty", version=thrifty.__version__, lifespan=lifespan)
+    app.state.llm, app.state.serving, app.state.metrics = llm, serving, metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return JSONResponse(bad_request(message, param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), type=kind).body(),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, exc: EngineDeadError):
+        return JSONResponse(APIError(503, str(exc), type="service_unavailable").body(), status_code=503)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception):
+        logger.exception("unhandled error", exc_info=exc)
+        return JSONResponse(APIError(500, f"internal error: {exc}", type="internal_error").body(), status_code=500)
+
+    if api_keys:
+        expected = [f"Bearer {k}".encode() for k in api_keys]
+
+        @app.middleware("http")
+        async def authenticate(request: Request, call_next):
+            if request.method != "OPTIONS" and request.url.path not in OPEN_PATHS:
+                given = request.headers.get("authorization", "").encode()
+                if not any(hmac.compare_digest(given, e) for e in expected):
+                    err = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'.",
+                                   code="invalid_api_key")
+                    return JSONResponse(err.body(), status_code=401)
+            return await call_next(request)
+
+    def respond(result):
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return respond(await serving.create_completion(req))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        return respond(await serving.create_chat_completion(req))
+
+    created = int(time.time())
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "thrifty", "root": model_root,
+             "parent": None, "max_model_len": serving.max_model_len} for name in served_model_names]}
+
+    @app.get("/health")
+    async def health():
+        if llm.is_running:
+            return Response(status_code=200)
+        return Response(status_code=503)
+
+    @app.get("/ping")
+    async def ping():
+        return await health()
+
+    @app.get("/version")
+    async def version():
+        return {"version": thrifty.__version__}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        serving.check_model(req.model)
+        tok = serving.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of 'prompt' or 'messages'", "prompt")
+        if req.prompt is not None:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            chat = ChatCompletionRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt)
+            ids = serving._chat_prompt(chat).token_ids
+        return {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        serving.check_model(req.model)
+        vocab = llm.engine.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"tokens: {bad[0]} is outside the vocabulary (size {vocab})", "tokens")
+        return {"prompt": serving.tokenizer.decode(req.tokens)}
+
+    return app
+
+
+def _load_chat_template(value: str | None) -> str | None:
+    """--chat-template is a file path or the template itself (as in vLLM)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return path.read_text()
+    if "{" not in value:
+        raise ValueError(f"chat_template: {value!r} is neither a file nor a Jinja template")
+    return value
+
+
+def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    chat_template = _load_chat_template(args.chat_template)
+    llm = AsyncLLM(config, max_waiting_requests=args.max_waiting_requests or None)
+    names = args.served_model_name or [llm.engine.model_name]
+    app = build_app(llm, names, args.api_key, chat_template, str(llm.engine.source.path or ""))
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.shutdown_timeout,
+        timeout_keep_alive=5))
+    logger.info("serving %s on http://%s:%d/v1", names[0], args.host, args.port)
+    # uvicorn drains on SIGTERM, then re-raises the signal into the handler that was installed
+    # before it; a no-op there makes a graceful shutdown exit 0 rather than die by the signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    return 0 if server.started else 1

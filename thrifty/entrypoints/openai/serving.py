@@ -1,0 +1,396 @@
+"""/v1/completions and /v1/chat/completions on top of AsyncLLM.
+
+Each prompt (a completions list has several) is one engine request with n choices; their
+delta streams are merged, and the same loop builds both the SSE chunks and, accumulated,
+the non-streamed response, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from thrifty.engine.async_llm import AsyncLLM
+from thrifty.outputs import CompletionOutput, Logprob, RequestOutput
+from thrifty.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from thrifty.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    """An OpenAI error object with its HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | int | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def from_value_error(e: ValueError) -> APIError:
+    # Our ValueErrors start with the field they are about ("SamplingParams.top_p must ...").
+    m = re.match(r"(?:SamplingParams\.)?(\w+)[ :]", str(e))
+    param = m.group(1) if m else None
+    return bad_request(str(e), "prompt" if param == "prompt_token_ids" else param)
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    started: bool = False  # chat streams open each choice with the assistant role
+
+
+@dataclass
+class _Prompt:
+    token_ids: list[int]
+    text: str | None
+    num_cached_tokens: int = 0
+
+
+def _finite(x: float) -> float:
+    return max(x, -9999.0)  # JSON has no -inf; vLLM clamps the same way
+
+
+class OpenAIServing:
+    def __init__(self, llm: AsyncLLM, served_model_names: list[str], chat_template: str | None = None):
+        self.llm = llm
+        self.engine = llm.engine
+        self.tokenizer = llm.engine.tokenizer
+        self.served_model_names = served_model_names
+        self.chat_template = chat_template
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.served_model_names:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    def check_queue(self) -> None:
+        limit = self.llm.max_waiting_requests
+        if limit is not None and self.llm.num_waiting >= limit:
+            raise APIError(429, f"Too many requests waiting ({self.llm.num_waiting} queued, the limit is {limit}); "
+                           "retry shortly.", type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+
+    # -- shared ---------------------------------------------------------------------------
+    def _check_unsupported(self, req: _SamplingFields) -> None:
+        if req.response_format is not None and req.response_format.type != "text":
+            raise bad_request(f"response_format type {req.response_format.type!r} is not supported yet "
+                              "(structured output is not implemented); use 'text'", "response_format")
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias")
+
+    def _sampling_params(self, req: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+                min_p=req.min_p or 0.0, seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=req.repetition_penalty or 1.0, max_tokens=max_tokens,
+                min_tokens=min(req.min_tokens, max_tokens), stop=req.stop, stop_token_ids=req.stop_token_ids,
+                include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
+                logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+        except ValueError as e:
+            raise from_value_error(e) from None
+
+    def _max_tokens(self, num_prompt_tokens: int, requested: int | None, param: str) -> int:
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise bad_request(f"This model's maximum context length is {limit} tokens. However, your request has "
+                              f"{num_prompt_tokens} input tokens. Please reduce the length of the input.", "messages"
+                              if param == "max_completion_tokens" else "prompt")
+        if requested is None:
+            return limit - num_prompt_tokens
+        if num_prompt_tokens + requested > limit:
+            raise bad_request(f"This model's maximum context length is {limit} tokens. However, you requested "
+                              f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the prompt, "
+                              f"{requested} in the completion). Please reduce the length of the prompt or "
+                              f"{param}.", param)
+        return requested
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        try:
+            self.engine.validate(token_ids)
+        except ValueError as e:
+            raise from_value_error(e) from None
+
+    async def _merged(self, prompts: list[_Prompt], params: list[SamplingParams],
+                      base_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, delta) from every prompt's request, as they come."""
+        if len(prompts) == 1:
+            async for out in self.llm.generate(prompts[0].token_ids, params[0], base_id, prompts[0].text):
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int) -> None:
+            try:
+                async for out in self.llm.generate(prompts[i].token_ids, params[i], f"{base_id}-{i}", prompts[i].text):
+                    queue.put_nowait((i, out))
+                queue.put_nowait(done)
+            except BaseException as e:
+                queue.put_nowait(e)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()  # a client gone: each generate() aborts its request on the way out
+
+    def _usage(self, prompts: list[_Prompt], choices: list[_Choice]) -> dict:
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        completion_tokens = sum(len(c.token_ids) for c in choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(p.num_cached_tokens for p in prompts)}}
+
+    async def _run(self, prompts: list[_Prompt], params: list[SamplingParams], base_id: str,
+                   choices: list[_Choice]) -> AsyncIterator[tuple[int, _Choice, CompletionOutput]]:
+        """Accumulates every delta into its choice and yields (choice index, choice, delta)."""
+        n = params[0].n
+        async for i, out in self._merged(prompts, params, base_id):
+            prompts[i].num_cached_tokens = out.num_cached_tokens
+            for c in out.outputs:
+                index = i * n + c.index
+                choice = choices[index]
+                choice.text += c.text
+                choice.token_ids += c.token_ids
+                if c.logprobs:
+                    choice.logprobs += c.logprobs
+                if c.finish_reason is not None and choice.finish_reason is None:
+                    choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
+                elif not (c.text or c.token_ids):
+                    continue  # this choice had nothing new
+                yield index, choice, c
+
+    @staticmethod
+    def _sse(payload: dict | str) -> str:
+        return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def _stream_with_usage(self, req: _SamplingFields) -> tuple[bool, bool]:
+        opts = req.stream_options
+        return bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats)
+
+    # -- /v1/completions -------------------------------------------------------------------
+    def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
+        p = req.prompt
+        if isinstance(p, str):
+            raw = [p]
+        elif not p:
+            raise bad_request("prompt: must not be empty", "prompt")
+        elif isinstance(p[0], int):
+            raw = [p]
+        else:
+            raw = list(p)
+        prompts = []
+        for item in raw:
+            if isinstance(item, str):
+                prompts.append(_Prompt(self.tokenizer.encode(item, add_special_tokens=True), item))
+            else:
+                prompts.append(_Prompt(list(item), None))
+        return prompts
+
+    async def create_completion(self, req: CompletionRequest):
+        self.check_model(req.model)
+        self._check_unsupported(req)
+        if req.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request("best_of other than n is not supported", "best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs (prompt logprobs) is not supported yet", "echo")
+        prompts = self._completion_prompts(req)
+        params = []
+        for p in prompts:
+            self._validate_prompt(p.token_ids)
+            max_tokens = self._max_tokens(len(p.token_ids), req.max_tokens, "max_tokens")
+            params.append(self._sampling_params(req, max_tokens, req.logprobs))
+        self.check_queue()
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        choices = [_Choice() for _ in range(len(prompts) * req.n)]
+        if req.echo:
+            for i, choice in enumerate(choices):
+                p = prompts[i // req.n]
+                choice.text = p.text if p.text is not None else self.tokenizer.decode(p.token_ids)
+        head = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
+        if req.stream:
+            return self._completion_stream(req, prompts, params, request_id, head, choices)
+        async for _ in self._run(prompts, params, request_id, choices):
+            pass
+        return {**head, "choices": [self._completion_choice(i, c, c.text, c.logprobs, 0)
+                                    for i, c in enumerate(choices)],
+                "usage": self._usage(prompts, choices)}
+
+    def _completion_choice(self, index: int, choice: _Choice, text: str, logprobs: list | None,
+                           text_offset: int, final: bool = True) -> dict:
+        return {"index": index, "text": text,
+                "logprobs": self._completion_logprobs(logprobs, text_offset) if logprobs else None,
+                "finish_reason": choice.finish_reason if final else None,
+                "stop_reason": choice.stop_reason if final else None}
+
+    def _completion_logprobs(self, entries: list[dict[int, Logprob]], offset: int) -> dict:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for entry in entries:
+            sampled = next(iter(entry.values()))  # the sampled token comes first
+            tokens.append(sampled.decoded_token or "")
+            token_logprobs.append(_finite(sampled.logprob))
+            top.append({lp.decoded_token or "": _finite(lp.logprob) for lp in entry.values()})
+            offsets.append(offset)
+            offset += len(sampled.decoded_token or "")
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    async def _completion_stream(self, req, prompts, params, request_id, head, choices) -> AsyncIterator[str]:
+        include_usage, continuous = self._stream_with_usage(req)
+        echoed = [False] * len(choices)
+        sent_chars = [0] * len(choices)  # for text_offset
+        try:
+            async for index, choice, delta in self._run(prompts, params, request_id, choices):
+                text = delta.text
+                if req.echo and not echoed[index]:
+                    echoed[index] = True
+                    text = choice.text[: len(choice.text) - len(delta.text)] + text
+                final = delta.finish_reason is not None
+                if not (text or delta.logprobs or final):
+                    continue  # tokens whose text is still held back (a partial character or stop string)
+                chunk = {**head, "choices": [self._completion_choice(index, choice, text, delta.logprobs,
+                                                                     sent_chars[index], final)]}
+                sent_chars[index] += len(text)
+                if include_usage:
+                    chunk["usage"] = self._usage(prompts, choices) if continuous else None
+                yield self._sse(chunk)
+            if include_usage:
+                yield self._sse({**head, "choices": [], "usage": self._usage(prompts, choices)})
+        except APIError as e:
+            yield self._sse(e.body())
+        except Exception as e:  # the engine died: tell the client in-band, the status is already sent
+            yield self._sse(APIError(500, str(e), type="internal_error").body())
+        yield self._sse("[DONE]")
+
+    # -- /v1/chat/completions --------------------------------------------------------------
+    def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
+        messages = []
+        for i, m in enumerate(req.messages):
+            content = m.content
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise bad_request(f"messages[{i}].content: only text content parts are supported, "
+                                          f"got type {part.get('type')!r}", "messages")
+                    parts.append(part["text"])
+                content = "\n".join(parts)
+            msg = {"role": m.role, "content": content or ""}
+            if m.name is not None:
+                msg["name"] = m.name
+            messages.append(msg)
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, chat_template=req.chat_template or self.chat_template, tokenize=True, return_dict=False,
+                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                continue_final_message=req.continue_final_message)
+        except Exception as e:  # a template that rejects the conversation (roles, order, ...)
+            raise bad_request(f"messages: the chat template could not render them: {e}", "messages") from None
+        return _Prompt(list(ids), None)
+
+    async def create_chat_completion(self, req: ChatCompletionRequest):
+        self.check_model(req.model)
+        self._check_unsupported(req)
+        if req.tools:
+            raise bad_request("tools are not supported yet", "tools")
+        prompt = self._chat_prompt(req)
+        self._validate_prompt(prompt.token_ids)
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = self._max_tokens(len(prompt.token_ids), requested, "max_completion_tokens")
+        top = req.top_logprobs or 0
+        params = [self._sampling_params(req, max_tokens, top if req.logprobs else None)]
+        self.check_queue()
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        head = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name}
+        choices = [_Choice() for _ in range(req.n)]
+        if req.stream:
+            return self._chat_stream(req, [prompt], params, request_id, head, choices)
+        async for _ in self._run([prompt], params, request_id, choices):
+            pass
+        return {**head, "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c.text},
+             "logprobs": self._chat_logprobs(c.logprobs, top) if req.logprobs else None,
+             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            for i, c in enumerate(choices)], "usage": self._usage([prompt], choices)}
+
+    @staticmethod
+    def _chat_logprobs(entries: list[dict[int, Logprob]], top: int) -> dict:
+        def item(lp: Logprob) -> dict:
+            token = lp.decoded_token or ""
+            return {"token": token, "logprob": _finite(lp.logprob), "bytes": list(token.encode("utf-8"))}
+
+        content = []
+        for entry in entries:
+            sampled = next(iter(entry.values()))
+            ranked = sorted((lp for lp in entry.values() if lp.rank is not None), key=lambda lp: lp.rank)
+            content.append({**item(sampled), "top_logprobs": [item(lp) for lp in ranked[:top]]})
+        return {"content": content}
+
+    async def _chat_stream(self, req, prompts, params, request_id, head, choices) -> AsyncIterator[str]:
+        include_usage, continuous = self._stream_with_usage(req)
+        head = {**head, "object": "chat.completion.chunk"}
+        top = req.top_logprobs or 0
+
+        def chunk(choice_dicts: list[dict]) -> str:
+            c = {**head, "choices": choice_dicts}
+            if include_usage:
+                c["usage"] = self._usage(prompts, choices) if continuous else None
+            return self._sse(c)
+
+        try:
+            for i in range(len(choices)):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            async for index, choice, delta in self._run(prompts, params, request_id, choices):
+                final = delta.finish_reason is not None
+                if not (delta.text or delta.logprobs or final):
+                    continue
+                yield chunk([{"index": index, "delta": {"content": delta.text} if delta.text else {},
+                              "logprobs": self._chat_logprobs(delta.logprobs, top) if req.logprobs and delta.logprobs
+                              else None,
+                              "finish_reason": choice.finish_reason if final else None,
+                              **({"stop_reason": choice.stop_reason} if final else {})}])
+            if include_usage:
+                yield self._sse({**head, "choices": [], "usage": self._usage(prompts, choices)})
+        except APIError as e:
+            yield self._sse(e.body())
+        except Exception as e:
+            yield self._sse(APIError(500, str(e), type="internal_error").body())
+        yield self._sse("[DONE]")
