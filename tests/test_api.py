@@ -20,6 +20,7 @@ from thrifty.engine.detokenizer import IncrementalDetokenizer
     (dict(temperature=-0.1), "temperature"),
     (dict(n=0), "n"),
     (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(seed=1 << 70), "seed"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -61,7 +61,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    srv = Server("--api-key", API_KEY)
+    srv = Server("--api-key", API_KEY, "--served-model-name", "thrifty-test", "smol")
     yield srv
     assert srv.stop() == 0
 
@@ -252,7 +252,10 @@ def test_open_and_protected_routes(server, model):
         r = http(server, "POST", "/v1/completions", key=key, json={"prompt": "hi"})
         assert r.status_code == 401
     data = http(server, "GET", "/v1/models").json()["data"]
-    assert data[0]["id"] == model and data[0]["object"] == "model" and data[0]["max_model_len"] > 0
+    assert [d["id"] for d in data] == ["thrifty-test", "smol"] == [model, "smol"]
+    assert data[0]["object"] == "model" and data[0]["max_model_len"] > 0
+    r = http(server, "POST", "/v1/completions", json={"model": "smol", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "thrifty-test"  # any served name; the first is reported
 
 
 def test_tokenize_detokenize(server, llm):
@@ -274,6 +277,8 @@ def test_tokenize_detokenize(server, llm):
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", "greater"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs", "less"),
     ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k", "top_k"),
+    ("/v1/completions", {"prompt": "hi", "seed": 1 << 70}, 400, "seed", "64-bit"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 9, "max_tokens": 3}, 400, "min_tokens", "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 9000}, 400, "max_tokens", "8192 tokens"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
@@ -360,9 +365,17 @@ def test_load_200_streams_with_disconnects_and_malformed_bursts(server):
 
 
 # -- a second server: queue limit and graceful shutdown ----------------------------------------
-def test_429_when_queue_full_then_graceful_shutdown():
-    srv = Server("--max-num-seqs", "1", "--max-waiting-requests", "1", "--shutdown-timeout", "60")
+def test_chat_template_flag_429_when_queue_full_then_graceful_shutdown(tmp_path, llm):
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    (tmp_path / "template.jinja").write_text(template)
+    srv = Server("--max-num-seqs", "1", "--max-waiting-requests", "1", "--shutdown-timeout", "60",
+                 "--chat-template", str(tmp_path / "template.jinja"))
     try:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        r = httpx.post(f"{srv.url}/tokenize", json={"messages": messages}).json()
+        expected = "<system>Be brief.\n<user>Hi\n<assistant>"
+        assert r["tokens"] == llm.get_tokenizer().encode(expected, add_special_tokens=False)
+
         body = {"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True, "temperature": 0}
         results: list[httpx.Response] = []
 

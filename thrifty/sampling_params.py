@@ -44,6 +44,8 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", f"must be an integer >= 1, got {self.n!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(1 << 63) <= self.seed < (1 << 63)):
+            raise bad("seed", f"must be a 64-bit signed integer, got {self.seed!r}")
         if self.temperature < 0:
             raise bad("temperature", f"must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

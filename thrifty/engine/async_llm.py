@@ -162,7 +162,7 @@ class AsyncLLM:
                 except StepFailed as e:
                     logger.exception("engine step failed; its requests get an error, the others go on")
                     for request_id in e.request_ids:
-                        self._finish_stream(request_id, RuntimeError(f"internal error: {e.__cause__!r}"))
+                        self._finish_stream(request_id, RuntimeError(f"the model step failed: {e.__cause__!r}"))
                     continue
                 end = time.monotonic()
                 deltas = self._dispatch(outputs)

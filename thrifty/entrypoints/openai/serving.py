@@ -109,7 +109,7 @@ class OpenAIServing:
                 min_p=req.min_p or 0.0, seed=req.seed, presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0,
                 repetition_penalty=req.repetition_penalty or 1.0, max_tokens=max_tokens,
-                min_tokens=min(req.min_tokens, max_tokens), stop=req.stop, stop_token_ids=req.stop_token_ids,
+                min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
                 include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
                 logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
         except ValueError as e:
