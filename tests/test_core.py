@@ -608,7 +608,7 @@ def test_budget_and_max_num_seqs_respected():
 
 def test_running_requests_scheduled_before_waiting_and_fcfs():
     sim = Sim(64, 4, max_num_seqs=8, budget=6)
-    a = sim.add(dummy_request("a", 5, max_tokens=10))
+    sim.add(dummy_request("a", 5, max_tokens=10))
     sim.step()  # a prefilled, now decoding
     for rid in "bcd":
         sim.add(dummy_request(rid, 5, seed=ord(rid), max_tokens=10))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from thrifty import SamplingParams
 
 pytestmark = pytest.mark.slow
 API_KEY = "sk-test"
+PRICE = 3600.0  # USD per hour: one dollar per second makes costs easy to read
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -61,7 +61,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    srv = Server("--api-key", API_KEY, "--served-model-name", "thrifty-test", "smol")
+    srv = Server("--api-key", f"tenant={API_KEY}", "--api-key", "other=sk-other", "--served-model-name",
+                 "thrifty-test", "smol", "--price-per-hour", str(PRICE))
     yield srv
     assert srv.stop() == 0
 
@@ -344,6 +345,48 @@ def test_metrics_names_and_counts(server, client, model):
         assert name in after
     text = http(server, "GET", "/metrics", key=None).text
     assert f'vllm:num_requests_running{{model_name="{model}"}}' in text
+
+
+def test_cost_charged_to_requests_idle_and_per_key(server, model):
+    """Per-request cost_usd sums to the growth of thrifty:cost_usd_total; busy + idle cost is
+    elapsed time x price; tokens and cost are counted per API key name."""
+    def clients(key):
+        return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+
+    tenant, other = clients(API_KEY), clients("sk-other")
+    wait_idle(server)
+    m0, t0 = metrics(server), time.monotonic()
+
+    def one(i):
+        c = tenant if i % 2 else other
+        if i % 3 == 0:  # streamed: the cost arrives in the usage chunk
+            chunks = list(c.completions.create(model=model, prompt=f"Item {i}:", max_tokens=4 + i, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}))
+            return i % 2, chunks[-1].usage
+        return i % 2, c.completions.create(model=model, prompt=f"Item {i}:", max_tokens=4 + i, temperature=0).usage
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        usages = list(pool.map(one, range(12)))
+    m1 = wait_idle(server)
+    time.sleep(0.3)
+    m2, t2 = metrics(server), time.monotonic()
+    costs = [u.cost_usd for _, u in usages]
+    assert all(c > 0 for c in costs)
+    assert sum(costs) == pytest.approx(m1["thrifty:cost_usd_total"] - m0["thrifty:cost_usd_total"], rel=1e-9)
+    seconds = lambda m: m["thrifty:busy_seconds_total"] + m["thrifty:idle_seconds_total"]  # noqa: E731
+    assert seconds(m2) - seconds(m0) == pytest.approx(t2 - t0, abs=0.05)  # scrapes take a few ms
+    for m in (m0, m2):
+        assert m["thrifty:cost_usd_total"] == pytest.approx(m["thrifty:busy_seconds_total"] * PRICE / 3600)
+        assert m["thrifty:idle_cost_usd_total"] == pytest.approx(m["thrifty:idle_seconds_total"] * PRICE / 3600)
+    assert 0 < m2["thrifty:busy_ratio"] <= 1 and m2["thrifty:cost_per_million_tokens_usd"] > 0
+    for flag, name in ((1, "tenant"), (0, "other")):
+        mine = [u for f, u in usages if f == flag]
+        d = lambda k: m2[f"thrifty:{k}{{key_name={name}}}"] - m0.get(f"thrifty:{k}{{key_name={name}}}", 0)  # noqa: E731
+        assert d("key_generation_tokens_total") == sum(u.completion_tokens for u in mine)
+        assert d("key_prompt_tokens_total") == sum(u.prompt_tokens for u in mine)
+        assert d("key_cost_usd_total") == pytest.approx(sum(u.cost_usd for u in mine), rel=1e-9)
 
 
 def _load_module():

@@ -54,4 +54,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    cost_usd: float | None = None  # set by the server: this request's share of the steps it ran in
     prompt_logprobs: None = field(default=None, repr=False)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from thrifty.config import EngineConfig
+from thrifty.engine.cost_meter import CostMeter
 from thrifty.engine.llm_engine import LLMEngine, StepFailed
 from thrifty.outputs import CompletionOutput, RequestOutput
 from thrifty.sampling_params import SamplingParams
@@ -49,8 +50,9 @@ class StepObservation:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, max_waiting_requests: int | None = None):
+    def __init__(self, config: EngineConfig, max_waiting_requests: int | None = None, price_per_hour: float = 0.0):
         self.engine = LLMEngine(config)
+        self.cost = CostMeter(price_per_hour)
         self.max_waiting_requests = max_waiting_requests
         self._streams: dict[str, _Stream] = {}
         self._pending: list[Callable[[], None]] = []
@@ -64,6 +66,7 @@ class AsyncLLM:
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
+        self.cost = CostMeter(self.cost.price_per_hour)  # the server's life starts now
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="thrifty-engine-loop")
 
@@ -133,7 +136,11 @@ class AsyncLLM:
         if stream is None:
             return
         stream.finished = True
-        self._submit(lambda: self.engine.abort_request(request_id))
+        def abort() -> None:
+            self.engine.abort_request(request_id)
+            self.cost.forget(request_id)
+
+        self._submit(abort)
         for observe in self.abort_observers:
             observe(request_id)
 
@@ -152,19 +159,24 @@ class AsyncLLM:
                 for op in ops:
                     op()
                 if not engine.has_unfinished_requests():
+                    self.cost.went_idle()
                     self._wakeup.clear()
                     if not self._pending:
                         await self._wakeup.wait()
                     continue
                 start = time.monotonic()
+                self.cost.work_arrived(start)
                 try:
                     outputs = await loop.run_in_executor(self._executor, engine.step)
                 except StepFailed as e:
                     logger.exception("engine step failed; its requests get an error, the others go on")
+                    self.cost.step(time.monotonic(), engine.last_step_tokens)
                     for request_id in e.request_ids:
+                        self.cost.forget(request_id)
                         self._finish_stream(request_id, RuntimeError(f"the model step failed: {e.__cause__!r}"))
                     continue
                 end = time.monotonic()
+                self.cost.step(end, engine.last_step_tokens)
                 deltas = self._dispatch(outputs)
                 obs = StepObservation(start, end, engine.last_step_num_tokens, self.num_running,
                                       self.num_waiting, deltas)
@@ -187,12 +199,13 @@ class AsyncLLM:
                 continue
             delta = RequestOutput(out.request_id, out.prompt, out.prompt_token_ids,
                                   [self._delta(stream, c) for c in out.outputs], out.finished, out.metrics,
-                                  out.num_cached_tokens)
+                                  out.num_cached_tokens, self.cost.request_cost(out.request_id))
             stream.queue.put_nowait(delta)
             deltas.append(delta)
             if out.finished:
                 stream.finished = True
                 self._streams.pop(out.request_id, None)
+                self.cost.forget(out.request_id)
         return deltas
 
     @staticmethod

@@ -16,7 +16,12 @@ from thrifty.engine.detokenizer import IncrementalDetokenizer
 from thrifty.model.loader import load_model, load_tokenizer, resolve_model
 from thrifty.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from thrifty.sampling_params import SamplingParams
-from thrifty.worker.model_runner import ModelRunner, SampledToken, kv_budget_bytes, num_kv_blocks
+from thrifty.worker.model_runner import (
+    ModelRunner,
+    SampledToken,
+    kv_budget_bytes,
+    num_kv_blocks,
+)
 
 PromptType = str | dict | list[int]
 
@@ -103,6 +108,7 @@ class LLMEngine:
         )
         self.stats = EngineStats()
         self.last_step_num_tokens = 0
+        self.last_step_tokens: dict[str, int] = {}  # request id -> tokens computed in the last step
         self._states: dict[str, _RequestState] = {}
         self._seq_parent: dict[str, _RequestState] = {}
         self._ids = itertools.count()
@@ -182,6 +188,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         self.last_step_num_tokens = out.total_num_scheduled_tokens
+        self.last_step_tokens = self._tokens_by_request(out)
         if out.is_empty:
             return []
         try:
@@ -210,6 +217,14 @@ class LLMEngine:
                 self._process_token(state, req, token, now)
                 touched[state.request_id] = state
         return [self._make_output(state) for state in touched.values()]
+
+    def _tokens_by_request(self, out) -> dict[str, int]:
+        tokens: dict[str, int] = {}
+        for s in out.scheduled:
+            state = self._seq_parent.get(s.request.request_id)
+            if state is not None:  # n > 1 siblings add up under their request
+                tokens[state.request_id] = tokens.get(state.request_id, 0) + s.num_new_tokens
+        return tokens
 
     def _process_token(self, state: _RequestState, req: Request, token: SampledToken, now: float) -> None:
         seq = next(q for q in state.seqs if q.request is req)

@@ -7,6 +7,8 @@ when Prometheus scrapes.
 
 from __future__ import annotations
 
+import time
+
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -54,6 +56,29 @@ class _EngineStateCollector:
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric([self.model_name], value)
             yield c
+        yield from self._cost(time.monotonic())
+
+    def _cost(self, now: float):
+        cost = self.llm.cost
+        for family, name, doc, value in (
+            (CounterMetricFamily, "thrifty:cost_usd", "Busy time x price, charged to the requests that ran.",
+             cost.busy_cost_usd),
+            (CounterMetricFamily, "thrifty:idle_cost_usd", "Time with nothing to run x price.",
+             cost.idle_cost_usd(now)),
+            (CounterMetricFamily, "thrifty:busy_seconds", "Seconds the engine had requests to run.", cost.busy_s),
+            (CounterMetricFamily, "thrifty:idle_seconds", "Seconds the engine had nothing to run.",
+             cost.idle_seconds(now)),
+            (GaugeMetricFamily, "thrifty:cost_per_million_tokens_usd",
+             f"All cost (idle included) per million tokens computed, over the last {cost.window_s:g} s.",
+             cost.cost_per_million_tokens(now)),
+            (GaugeMetricFamily, "thrifty:busy_ratio",
+             f"Fraction of the last {cost.window_s:g} s the engine had requests to run.", cost.busy_ratio(now)),
+            (GaugeMetricFamily, "thrifty:price_per_hour_usd", "The price per hour costs are computed with.",
+             cost.price_per_hour),
+        ):
+            m = family(name, doc, labels=["model_name"])
+            m.add_metric([self.model_name], value)
+            yield m
 
 
 class EngineMetrics:
@@ -85,6 +110,11 @@ class EngineMetrics:
                                     "Histogram of time spent in WAITING phase for request.", _REQUEST_BUCKETS)
         self.iteration_tokens = histogram("vllm:iteration_tokens_total",
                                           "Histogram of number of tokens per engine_step.", _ITERATION_BUCKETS)
+        # Per API-key name (--api-key NAME=KEY), so a platform can bill its tenants.
+        self.key_prompt_tokens = counter("thrifty:key_prompt_tokens", "Prompt tokens by API key name.", ("key_name",))
+        self.key_generation_tokens = counter("thrifty:key_generation_tokens", "Generated tokens by API key name.",
+                                             ("key_name",))
+        self.key_cost = counter("thrifty:key_cost_usd", "Cost charged to requests, by API key name.", ("key_name",))
         self.model_name = model_name
         self._last_token_time: dict[str, float] = {}
         llm.step_observers.append(self.observe_step)
@@ -117,6 +147,11 @@ class EngineMetrics:
     def observe_abort(self, request_id: str) -> None:
         self._last_token_time.pop(request_id, None)
         self._success.labels(self.model_name, "abort").inc()
+
+    def observe_key_usage(self, key_name: str, prompt_tokens: int, generation_tokens: int, cost_usd: float) -> None:
+        self.key_prompt_tokens.labels(self.model_name, key_name).inc(prompt_tokens)
+        self.key_generation_tokens.labels(self.model_name, key_name).inc(generation_tokens)
+        self.key_cost.labels(self.model_name, key_name).inc(cost_usd)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

@@ -1,4 +1,4 @@
-"""The `thrifty` command: serve, generate, bench throughput."""
+"""The `thrifty` command: serve, generate, bench, report, cost."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from thrifty.config import EngineConfig
+from thrifty.cost.cli import register as register_cost
+from thrifty.report.cli import register as register_report
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -91,7 +93,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", action="append", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 and tokenizer routes (repeatable)")
+                   help="require 'Authorization: Bearer KEY' on /v1 and tokenizer routes; repeatable; NAME=KEY "
+                        "also counts tokens and cost per key name (thrifty:key_* metrics)")
+    g.add_argument("--price-per-hour", type=float, default=None,
+                   help="USD per hour of this server, for live cost (usage.cost_usd, thrifty:* metrics); "
+                        "default 0, or on CUDA the price table's entry for the detected GPU")
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in 'model' (default: the model's name); the first is reported")
     g.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
@@ -123,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    register_report(sub)
+    register_cost(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

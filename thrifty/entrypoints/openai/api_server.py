@@ -24,8 +24,12 @@ import thrifty
 from thrifty.config import EngineConfig
 from thrifty.engine.async_llm import AsyncLLM, EngineDeadError
 from thrifty.engine.metrics import EngineMetrics
-from thrifty.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                                 TokenizeRequest)
+from thrifty.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from thrifty.entrypoints.openai.serving import APIError, OpenAIServing, bad_request
 
 logger = logging.getLogger("thrifty.server")
@@ -47,10 +51,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts), param
 
 
-def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: list[str] | None = None,
+def parse_api_keys(values: list[str] | None) -> dict[str, str | None]:
+    """--api-key KEY or NAME=KEY (repeatable) -> {key: name or None}."""
+    keys: dict[str, str | None] = {}
+    for value in values or []:
+        name, sep, key = value.partition("=")
+        name, key = (name, key) if sep else (None, value)
+        if not key or (sep and not name):
+            raise ValueError(f"api_key: {value!r} is empty; give KEY or NAME=KEY")
+        keys[key] = name
+    return keys
+
+
+def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, str | None] | None = None,
               chat_template: str | None = None, model_root: str | None = None) -> FastAPI:
-    serving = OpenAIServing(llm, served_model_names, chat_template)
     metrics = EngineMetrics(llm, served_model_names[0])
+    serving = OpenAIServing(llm, served_model_names, chat_template, metrics.observe_key_usage)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,16 +102,19 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: list[str] 
         return JSONResponse(APIError(500, f"internal error: {exc}", type="internal_error").body(), status_code=500)
 
     if api_keys:
-        expected = [f"Bearer {k}".encode() for k in api_keys]
+        expected = [(f"Bearer {key}".encode(), name) for key, name in api_keys.items()]
 
         @app.middleware("http")
         async def authenticate(request: Request, call_next):
             if request.method != "OPTIONS" and request.url.path not in OPEN_PATHS:
                 given = request.headers.get("authorization", "").encode()
-                if not any(hmac.compare_digest(given, e) for e in expected):
+                # Compare with every key (constant time each), so timing tells nothing about which matched.
+                matches = [name for key, name in expected if hmac.compare_digest(given, key)]
+                if not matches:
                     err = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'.",
                                    code="invalid_api_key")
                     return JSONResponse(err.body(), status_code=401)
+                request.state.key_name = matches[0]
             return await call_next(request)
 
     def respond(result):
@@ -104,13 +123,16 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: list[str] 
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def key_name(raw: Request) -> str | None:
+        return getattr(raw.state, "key_name", None)
+
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return respond(await serving.create_completion(req))
+    async def completions(req: CompletionRequest, raw: Request):
+        return respond(await serving.create_completion(req, key_name(raw)))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        return respond(await serving.create_chat_completion(req))
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        return respond(await serving.create_chat_completion(req, key_name(raw)))
 
     created = int(time.time())
 
@@ -175,14 +197,37 @@ def _load_chat_template(value: str | None) -> str | None:
     return value
 
 
+def _price_per_hour(given: float | None, config: EngineConfig) -> float:
+    """--price-per-hour, else on CUDA the price table's entry for the detected GPU, else 0."""
+    if given is not None:
+        if given < 0:
+            raise ValueError(f"price_per_hour must be >= 0, got {given}")
+        return given
+    if not config.resolve_device().startswith("cuda"):
+        return 0.0
+    import torch
+
+    from thrifty.cost.prices import price_for_device
+
+    name = torch.cuda.get_device_name()
+    entry = price_for_device(name)
+    if entry is None:
+        logger.warning("no price table entry for %s: costs are 0 unless --price-per-hour is given", name)
+        return 0.0
+    logger.info("price per hour for %s: $%.2f (%s)", name, entry.price_per_hour_usd, entry.source)
+    return entry.price_per_hour_usd
+
+
 def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     chat_template = _load_chat_template(args.chat_template)
-    llm = AsyncLLM(config, max_waiting_requests=args.max_waiting_requests or None)
+    api_keys = parse_api_keys(args.api_key)
+    llm = AsyncLLM(config, max_waiting_requests=args.max_waiting_requests or None,
+                   price_per_hour=_price_per_hour(args.price_per_hour, config))
     names = args.served_model_name or [llm.engine.model_name]
-    app = build_app(llm, names, args.api_key, chat_template, str(llm.engine.source.path or ""))
+    app = build_app(llm, names, api_keys, chat_template, str(llm.engine.source.path or ""))
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.shutdown_timeout,

@@ -12,12 +12,16 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from thrifty.engine.async_llm import AsyncLLM
+from thrifty.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    _SamplingFields,
+)
 from thrifty.outputs import CompletionOutput, Logprob, RequestOutput
-from thrifty.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from thrifty.sampling_params import SamplingParams
 
 
@@ -60,6 +64,7 @@ class _Prompt:
     token_ids: list[int]
     text: str | None
     num_cached_tokens: int = 0
+    cost_usd: float = 0.0
 
 
 def _finite(x: float) -> float:
@@ -67,8 +72,10 @@ def _finite(x: float) -> float:
 
 
 class OpenAIServing:
-    def __init__(self, llm: AsyncLLM, served_model_names: list[str], chat_template: str | None = None):
+    def __init__(self, llm: AsyncLLM, served_model_names: list[str], chat_template: str | None = None,
+                 key_usage_observer: Callable[[str, int, int, float], None] | None = None):
         self.llm = llm
+        self.key_usage_observer = key_usage_observer  # (key name, prompt tokens, generated tokens, cost)
         self.engine = llm.engine
         self.tokenizer = llm.engine.tokenizer
         self.served_model_names = served_model_names
@@ -174,14 +181,29 @@ class OpenAIServing:
         completion_tokens = sum(len(c.token_ids) for c in choices)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": sum(p.num_cached_tokens for p in prompts)}}
+                "prompt_tokens_details": {"cached_tokens": sum(p.num_cached_tokens for p in prompts)},
+                # thrifty's addition (clients ignore it): this request's share of the engine steps it ran in
+                "cost_usd": sum(p.cost_usd for p in prompts)}
 
     async def _run(self, prompts: list[_Prompt], params: list[SamplingParams], base_id: str,
-                   choices: list[_Choice]) -> AsyncIterator[tuple[int, _Choice, CompletionOutput]]:
-        """Accumulates every delta into its choice and yields (choice index, choice, delta)."""
+                   choices: list[_Choice], key_name: str | None) -> AsyncIterator[tuple[int, _Choice, CompletionOutput]]:
+        """Accumulates every delta into its choice and yields (choice index, choice, delta).
+        When it ends (done, failed or the client gone) the usage is counted for the API key's name."""
+        try:
+            async for item in self._accumulate(prompts, params, base_id, choices):
+                yield item
+        finally:
+            if key_name is not None and self.key_usage_observer is not None:
+                usage = self._usage(prompts, choices)
+                self.key_usage_observer(key_name, usage["prompt_tokens"], usage["completion_tokens"],
+                                        usage["cost_usd"])
+
+    async def _accumulate(self, prompts: list[_Prompt], params: list[SamplingParams], base_id: str,
+                          choices: list[_Choice]) -> AsyncIterator[tuple[int, _Choice, CompletionOutput]]:
         n = params[0].n
         async for i, out in self._merged(prompts, params, base_id):
             prompts[i].num_cached_tokens = out.num_cached_tokens
+            prompts[i].cost_usd = out.cost_usd or 0.0
             for c in out.outputs:
                 index = i * n + c.index
                 choice = choices[index]
@@ -222,7 +244,7 @@ class OpenAIServing:
                 prompts.append(_Prompt(list(item), None))
         return prompts
 
-    async def create_completion(self, req: CompletionRequest):
+    async def create_completion(self, req: CompletionRequest, key_name: str | None = None):
         self.check_model(req.model)
         self._check_unsupported(req)
         if req.suffix:
@@ -247,8 +269,8 @@ class OpenAIServing:
                 choice.text = p.text if p.text is not None else self.tokenizer.decode(p.token_ids)
         head = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
         if req.stream:
-            return self._completion_stream(req, prompts, params, request_id, head, choices)
-        async for _ in self._run(prompts, params, request_id, choices):
+            return self._completion_stream(req, prompts, params, request_id, head, choices, key_name)
+        async for _ in self._run(prompts, params, request_id, choices, key_name):
             pass
         return {**head, "choices": [self._completion_choice(i, c, c.text, c.logprobs, 0)
                                     for i, c in enumerate(choices)],
@@ -272,12 +294,12 @@ class OpenAIServing:
             offset += len(sampled.decoded_token or "")
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
-    async def _completion_stream(self, req, prompts, params, request_id, head, choices) -> AsyncIterator[str]:
+    async def _completion_stream(self, req, prompts, params, request_id, head, choices, key_name) -> AsyncIterator[str]:
         include_usage, continuous = self._stream_with_usage(req)
         echoed = [False] * len(choices)
         sent_chars = [0] * len(choices)  # for text_offset
         try:
-            async for index, choice, delta in self._run(prompts, params, request_id, choices):
+            async for index, choice, delta in self._run(prompts, params, request_id, choices, key_name):
                 text = delta.text
                 if req.echo and not echoed[index]:
                     echoed[index] = True
@@ -325,7 +347,7 @@ class OpenAIServing:
             raise bad_request(f"messages: the chat template could not render them: {e}", "messages") from None
         return _Prompt(list(ids), None)
 
-    async def create_chat_completion(self, req: ChatCompletionRequest):
+    async def create_chat_completion(self, req: ChatCompletionRequest, key_name: str | None = None):
         self.check_model(req.model)
         self._check_unsupported(req)
         if req.tools:
@@ -341,8 +363,8 @@ class OpenAIServing:
         head = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name}
         choices = [_Choice() for _ in range(req.n)]
         if req.stream:
-            return self._chat_stream(req, [prompt], params, request_id, head, choices)
-        async for _ in self._run([prompt], params, request_id, choices):
+            return self._chat_stream(req, [prompt], params, request_id, head, choices, key_name)
+        async for _ in self._run([prompt], params, request_id, choices, key_name):
             pass
         return {**head, "choices": [
             {"index": i, "message": {"role": "assistant", "content": c.text},
@@ -363,7 +385,7 @@ class OpenAIServing:
             content.append({**item(sampled), "top_logprobs": [item(lp) for lp in ranked[:top]]})
         return {"content": content}
 
-    async def _chat_stream(self, req, prompts, params, request_id, head, choices) -> AsyncIterator[str]:
+    async def _chat_stream(self, req, prompts, params, request_id, head, choices, key_name) -> AsyncIterator[str]:
         include_usage, continuous = self._stream_with_usage(req)
         head = {**head, "object": "chat.completion.chunk"}
         top = req.top_logprobs or 0
@@ -378,7 +400,7 @@ class OpenAIServing:
             for i in range(len(choices)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
-            async for index, choice, delta in self._run(prompts, params, request_id, choices):
+            async for index, choice, delta in self._run(prompts, params, request_id, choices, key_name):
                 final = delta.finish_reason is not None
                 if not (delta.text or delta.logprobs or final):
                     continue

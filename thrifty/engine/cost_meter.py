@@ -1,0 +1,87 @@
+"""Live cost: every second of the server's life is paid for, and charged to someone.
+
+Wall time is split exactly into busy time (the engine had requests: from the end of the previous
+step, or the moment work arrived, to the end of this step) and idle time (nothing to run). A
+step's busy time x price is charged to the requests it computed, in proportion to the tokens each
+computed in it; idle time x price is the idle cost. So the requests' costs sum to the busy cost,
+and busy + idle cost = elapsed time x price.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+
+class CostMeter:
+    def __init__(self, price_per_hour: float = 0.0, window_s: float = 60.0, now: float | None = None):
+        if price_per_hour < 0:
+            raise ValueError(f"price_per_hour must be >= 0, got {price_per_hour}")
+        self.price_per_hour = price_per_hour
+        self.window_s = window_s
+        self.start = self.mark = time.monotonic() if now is None else now
+        self.idle = True  # whether the time since `mark` is idle (else it belongs to the next step)
+        self.busy_s = 0.0
+        self.idle_s = 0.0
+        self.busy_cost_usd = 0.0
+        self._request_cost: dict[str, float] = {}
+        self._recent: deque[tuple[float, float, int]] = deque()  # (end, busy seconds, tokens) per step
+
+    @property
+    def price_per_s(self) -> float:
+        return self.price_per_hour / 3600.0
+
+    # -- the engine loop reports ----------------------------------------------------------
+    def work_arrived(self, now: float) -> None:
+        """The engine had nothing to run until now."""
+        if self.idle:
+            self.idle_s += now - self.mark
+            self.mark = now
+            self.idle = False
+
+    def went_idle(self) -> None:
+        """Nothing left to run: time from the last step's end on is idle."""
+        self.idle = True
+
+    def step(self, end: float, tokens_by_request: dict[str, int]) -> None:
+        seconds = end - self.mark
+        self.mark = end
+        total = sum(tokens_by_request.values())
+        if total == 0:  # a step that computed nothing is not anyone's cost
+            self.idle_s += seconds
+            return
+        cost = seconds * self.price_per_s
+        self.busy_s += seconds
+        self.busy_cost_usd += cost
+        for request_id, n in tokens_by_request.items():
+            self._request_cost[request_id] = self._request_cost.get(request_id, 0.0) + cost * n / total
+        self._recent.append((end, seconds, total))
+
+    def request_cost(self, request_id: str) -> float:
+        return self._request_cost.get(request_id, 0.0)
+
+    def forget(self, request_id: str) -> None:
+        self._request_cost.pop(request_id, None)
+
+    # -- what Prometheus reads ----------------------------------------------------------
+    def idle_seconds(self, now: float) -> float:
+        return self.idle_s + (now - self.mark if self.idle else 0.0)
+
+    def idle_cost_usd(self, now: float) -> float:
+        return self.idle_seconds(now) * self.price_per_s
+
+    def _window(self, now: float) -> tuple[float, float, int]:
+        """(span, busy seconds, tokens) over the last window_s seconds."""
+        while self._recent and self._recent[0][0] < now - self.window_s:
+            self._recent.popleft()
+        span = min(self.window_s, now - self.start)
+        return span, sum(r[1] for r in self._recent), sum(r[2] for r in self._recent)
+
+    def busy_ratio(self, now: float) -> float:
+        span, busy, _ = self._window(now)
+        return min(1.0, busy / span) if span > 0 else 0.0
+
+    def cost_per_million_tokens(self, now: float) -> float:
+        """Everything paid over the window (idle included) per million tokens computed in it."""
+        span, _, tokens = self._window(now)
+        return span * self.price_per_s / tokens * 1e6 if tokens else float("nan")
