@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import PROMPTS
+
 from thrifty import LLM, SamplingParams
 from thrifty.engine.detokenizer import IncrementalDetokenizer
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from conftest import PROMPTS
+
 from thrifty import SamplingParams
 from thrifty.config import EngineConfig
 from thrifty.engine.async_llm import AsyncLLM

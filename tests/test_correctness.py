@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import MAX_NEW, PROMPTS
+
 from thrifty import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)

@@ -13,6 +13,7 @@ import math
 import pytest
 
 from thrifty.cost import (
+    Workload,
     cost_per_token,
     daily_inference_cost,
     device_scaling,
@@ -23,7 +24,6 @@ from thrifty.cost import (
     plan_capacity,
     price_for_device,
     training_vs_inference,
-    Workload,
 )
 from thrifty.cost.cli import register
 from thrifty.cost.prices import PRICES_ENV, builtin_prices

@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,47 +13,15 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+from conftest import PROMPTS, Server
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PROMPTS
 from thrifty import SamplingParams
 
 pytestmark = pytest.mark.slow
 API_KEY = "sk-test"
 PRICE = 3600.0  # USD per hour: one dollar per second makes costs easy to read
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Server:
-    def __init__(self, *args: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "thrifty.entrypoints.cli", "serve", "--port", str(self.port), "--dtype", "float32",
-             "--disable-uvicorn-access-log", "--log-level", "warning", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.proc.kill()
-        raise RuntimeError("server did not become healthy")
-
-    def stop(self, timeout: float = 60) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from thrifty.config import EngineConfig
@@ -31,6 +32,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: all available cores)")
+    g.add_argument("--scheduler", default=d.scheduler_policy, choices=["continuous", "static"],
+                   help="static: fixed batches run to completion (a baseline for benchmarks)")
 
 
 def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
@@ -38,7 +41,8 @@ def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
               gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, num_threads=args.num_threads)
+              enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, num_threads=args.num_threads,
+              scheduler_policy=args.scheduler)
     kw.update(overrides)
     return kw
 
@@ -67,7 +71,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from thrifty import LLM
     from thrifty.bench.throughput import print_table, run_throughput, write_json
 
-    llm = LLM(args.model, **engine_kwargs(args, scheduler_policy=args.scheduler))
+    llm = LLM(args.model, **engine_kwargs(args))
     result = run_throughput(llm, args.dataset, args.num_prompts, args.input_len, args.output_len,
                             ignore_eos=args.ignore_eos, seed=args.seed, use_tqdm=not args.no_progress)
     print_table(result)
@@ -83,6 +87,104 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"model: given twice ({args.model_tag!r} and --model {args.model!r})")
         args.model = args.model_tag
     return run_server(args, EngineConfig(model=args.model, **engine_kwargs(args)))
+
+
+def _rate(value: str) -> float:
+    return math.inf if value.strip().lower() == "inf" else float(value)
+
+
+def _rates(value: str) -> list[float]:
+    return [_rate(v) for v in value.split(",") if v.strip()]
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by bench serve and bench sweep (vLLM's names)."""
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
+    p.add_argument("--model", default=None, help="the model name to send (default: the server's first)")
+    p.add_argument("--endpoint", default="completions", choices=["completions", "chat"])
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--tokenizer", default=None,
+                   help="model folder or .gguf whose tokenizer builds the prompts (default: the default model)")
+    p.add_argument("--dataset", default="random",
+                   help="random, shared-prefix, mixed, or a .jsonl file of {\"prompt\", \"output_len\"} lines")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (shared-prefix: after the prefix)")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--range-ratio", type=float, default=0.0, help="random: lengths uniform in len x (1 +- ratio)")
+    p.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: how many distinct prefixes")
+    p.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: tokens per prefix")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals: 1 = Poisson, < 1 burstier")
+    p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    p.add_argument("--num-warmups", type=int, default=0, help="requests sent (and not counted) before the run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="ask for exactly --output-len tokens (vLLM extra field)")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="SLO:MS",
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:5000 (milliseconds)")
+    p.add_argument("--price-per-hour", type=float, default=None, help="USD per hour of the server, for $/1M tokens")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a request counts as failed")
+    p.add_argument("--label", default=None, help="the configuration's name in reports")
+    p.add_argument("--json", default=None, help="also write the JSON result to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _load_setup(args: argparse.Namespace, request_rate: float):
+    from thrifty.bench.datasets import make_serve_prompts
+    from thrifty.bench.serve import ServeConfig, parse_goodput
+    from thrifty.model.loader import load_tokenizer, resolve_model
+
+    cfg = ServeConfig(base_url=args.base_url.rstrip("/"), model=args.model, endpoint=args.endpoint,
+                      request_rate=request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
+                      seed=args.seed, api_key=args.api_key, goodput=parse_goodput(args.goodput),
+                      price_per_hour=args.price_per_hour, timeout_s=args.timeout, label=args.label,
+                      ignore_eos=args.ignore_eos)
+    tok = load_tokenizer(resolve_model(args.tokenizer))
+    prompts = make_serve_prompts(args.dataset, tok, args.num_prompts + args.num_warmups, args.input_len,
+                                 args.output_len, args.range_ratio, args.num_prefixes, args.prefix_len, args.seed)
+
+    def count_tokens(text: str) -> int:
+        return len(tok.encode(text, add_special_tokens=False))
+
+    return cfg, prompts, count_tokens
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from thrifty.bench.serve import print_table, run_serve
+    from thrifty.bench.throughput import write_json
+
+    cfg, prompts, count = _load_setup(args, args.request_rate)
+    result = asyncio.run(_warm_then(cfg, args.num_warmups, prompts, count,
+                                    lambda p: run_serve(cfg, p, count, args.dataset, not args.no_progress)))
+    print_table(result)
+    write_json(result, args.json)
+    return 0
+
+
+def cmd_bench_sweep(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from thrifty.bench.sweep import run_sweep
+    from thrifty.bench.throughput import write_json
+
+    if (args.request_rates is None) == (args.max_concurrencies is None):
+        raise ValueError("sweep: give exactly one of --request-rates or --max-concurrencies")
+    by, values = (("request_rate", args.request_rates) if args.request_rates is not None
+                  else ("max_concurrency", [float(int(v)) for v in args.max_concurrencies]))
+    cfg, prompts, count = _load_setup(args, args.request_rate)
+    result = asyncio.run(_warm_then(cfg, args.num_warmups, prompts, count,
+                                    lambda p: run_sweep(cfg, by, values, p, count, args.dataset,
+                                                        not args.no_progress)))
+    write_json(result, args.json)
+    return 0
+
+
+async def _warm_then(cfg, num_warmups: int, prompts, count, run):
+    """The first num_warmups prompts warm the server up (not measured); the run gets the rest."""
+    from thrifty.bench.serve import warm_up
+
+    await warm_up(cfg, prompts[:num_warmups], count)
+    return await run(prompts[num_warmups:])
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -137,7 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     tp = bench_sub.add_parser("throughput", help="offline throughput on a synthetic workload (JSON output)")
     add_engine_args(tp)
-    tp.add_argument("--scheduler", default="continuous", choices=["continuous", "static"])
     tp.add_argument("--dataset", default="random", choices=["random", "mixed"])
     tp.add_argument("--input-len", type=int, default=128)
     tp.add_argument("--output-len", type=int, default=128)
@@ -147,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--json", default=None, help="also write the JSON result to this file")
     tp.add_argument("--no-progress", action="store_true", help="no progress bar")
     tp.set_defaults(func=cmd_bench_throughput)
+
+    bs = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (thrifty, vLLM, llama.cpp)")
+    add_load_args(bs)
+    bs.add_argument("--request-rate", type=_rate, default=math.inf,
+                    help="requests/s with Poisson arrivals (see --burstiness), or inf: all at once")
+    bs.set_defaults(func=cmd_bench_serve)
+
+    sw = bench_sub.add_parser("sweep", help="bench serve over several request rates or concurrencies")
+    add_load_args(sw)
+    sw.add_argument("--request-rates", type=_rates, default=None, help="comma-separated, e.g. 1,2,4,inf")
+    sw.add_argument("--max-concurrencies", type=_rates, default=None, help="comma-separated, e.g. 1,4,16")
+    sw.add_argument("--request-rate", type=_rate, default=math.inf,
+                    help="with --max-concurrencies: the arrival rate (default inf)")
+    sw.set_defaults(func=cmd_bench_sweep)
     return parser
 
 
