@@ -147,3 +147,32 @@ def test_bench_serve_counts_failures_and_exits_normally(tmp_path, kind):
         assert res["cost_per_million_output_tokens_usd"] is None  # nothing produced, nothing to divide by
     finally:
         cleanup()
+
+
+def test_serve_datasets(tmp_path, llm):
+    from thrifty.bench.datasets import make_serve_prompts
+
+    tok = llm.get_tokenizer()
+    random_ = make_serve_prompts("random", tok, 20, 40, 10, range_ratio=0.5, seed=1)
+    assert len(random_) == 20 and all(5 <= p.output_len <= 15 for p in random_)
+    assert len({p.output_len for p in random_}) > 1
+    assert make_serve_prompts("random", tok, 20, 40, 10, range_ratio=0.5, seed=1) == random_  # seeded
+
+    shared = make_serve_prompts("shared-prefix", tok, 6, 8, 4, num_prefixes=2, prefix_len=64, seed=0)
+    firsts = {p.prompt[:40] for p in shared}
+    assert len(firsts) == 2 and shared[0].prompt[:40] == shared[2].prompt[:40] != shared[1].prompt[:40]
+    assert len(tok.encode(shared[0].prompt)) > 64
+
+    mixed = make_serve_prompts("mixed", tok, 50, 64, 64, seed=0)
+    outs = sorted(p.output_len for p in mixed)
+    assert outs[0] >= 1 and outs[-1] <= 512 and outs[-1] > 2 * outs[len(outs) // 2]  # a long tail
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Hello", "output_len": 3}\n\n{"prompt": "World"}\n')
+    rows = make_serve_prompts(str(path), tok, 3, 1, 7)
+    assert [(p.prompt, p.output_len) for p in rows] == [("Hello", 3), ("World", 7), ("Hello", 3)]
+    path.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="prompts.jsonl:1"):
+        make_serve_prompts(str(path), tok, 3, 1, 7)
+    with pytest.raises(ValueError, match="dataset"):
+        make_serve_prompts("sharegpt", tok, 3, 1, 7)
