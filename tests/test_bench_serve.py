@@ -49,6 +49,8 @@ def test_bad_load_options_name_the_field():
         ServeConfig(endpoint="embeddings")
     r = _cli("bench", "sweep", "--base-url", "http://127.0.0.1:9")
     assert r.returncode == 2 and "request-rates" in r.stderr
+    r = _cli("bench", "sweep", "--base-url", "http://127.0.0.1:9", "--max-concurrencies", "1,inf")
+    assert r.returncode == 2 and "max_concurrencies" in r.stderr
 
 
 # -- against thrifty -------------------------------------------------------------------------------
@@ -119,6 +121,23 @@ class _Failing(BaseHTTPRequestHandler):
         pass
 
 
+class _Odd(_Failing):
+    """Answers 200 with streams no OpenAI server sends: a bare error string, null, a number."""
+
+    bodies = [b'data: {"error": "overloaded"}\n\n', b"data: null\n\n", b"data: 5\n\n",
+              b'data: {"choices": [{"text": 7}], "usage": {"completion_tokens": null}}\n\ndata: [DONE]\n\n']
+    count = 0
+
+    def _fail(self):
+        body = self.bodies[_Odd.count % len(self.bodies)]
+        _Odd.count += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 def _stalling_listener() -> tuple[socket.socket, int]:
     """Accepts connections and never answers."""
     s = socket.socket()
@@ -127,10 +146,10 @@ def _stalling_listener() -> tuple[socket.socket, int]:
     return s, s.getsockname()[1]
 
 
-@pytest.mark.parametrize("kind", ["failing", "stalling"])
+@pytest.mark.parametrize("kind", ["failing", "odd", "stalling"])
 def test_bench_serve_counts_failures_and_exits_normally(tmp_path, kind):
-    if kind == "failing":
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    if kind in ("failing", "odd"):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Failing if kind == "failing" else _Odd)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url, cleanup = f"http://127.0.0.1:{server.server_address[1]}", server.shutdown
     else:
@@ -138,12 +157,13 @@ def test_bench_serve_counts_failures_and_exits_normally(tmp_path, kind):
         url, cleanup = f"http://127.0.0.1:{port}", sock.close
     try:
         out = tmp_path / "r.json"
-        r = _cli("bench", "serve", "--base-url", url, "--num-prompts", "5", "--input-len", "8", "--output-len", "4",
+        r = _cli("bench", "serve", "--base-url", url, "--num-prompts", "8", "--input-len", "8", "--output-len", "4",
                  "--timeout", "1", "--no-progress", "--json", str(out), "--price-per-hour", "1", timeout=120)
         assert r.returncode == 0, r.stderr
         res = json.loads(out.read_text())
-        assert (res["completed"], res["failed"]) == (0, 5)
-        assert res["errors"] and ("500" in res["errors"][0] if kind == "failing" else "Timeout" in res["errors"][0])
+        assert (res["completed"], res["failed"]) == (0, 8)
+        expected = {"failing": "HTTP 500", "odd": "overloaded", "stalling": "Timeout"}[kind]
+        assert any(expected in e for e in res["errors"]), res["errors"]
         assert res["cost_per_million_output_tokens_usd"] is None  # nothing produced, nothing to divide by
     finally:
         cleanup()

@@ -46,7 +46,8 @@ def http(server, method: str, path: str, key: str | None = API_KEY, **kw) -> htt
     headers = kw.pop("headers", {})
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
-    return httpx.request(method, f"{server.url}{path}", headers=headers, timeout=60, **kw)
+    kw.setdefault("timeout", 60)
+    return httpx.request(method, f"{server.url}{path}", headers=headers, **kw)
 
 
 def metrics(server) -> dict[str, float]:
@@ -221,7 +222,7 @@ def test_open_and_protected_routes(server, model):
     assert [d["id"] for d in data] == ["thrifty-test", "smol"] == [model, "smol"]
     assert data[0]["object"] == "model" and data[0]["max_model_len"] > 0
     r = http(server, "POST", "/v1/completions", json={"model": "smol", "prompt": "hi", "max_tokens": 2})
-    assert r.status_code == 200 and r.json()["model"] == "thrifty-test"  # any served name; the first is reported
+    assert r.status_code == 200 and r.json()["model"] == "smol"  # any served name, echoed back
 
 
 def test_tokenize_detokenize(server, llm):
@@ -259,6 +260,16 @@ def test_tokenize_detokenize(server, llm):
      "messages", "only text"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 8190},
      400, "max_completion_tokens", "in the completion"),
+    ("/v1/completions", b'{"prompt": "\\ud800"}', 400, "prompt", "tokenized"),  # a lone surrogate
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "stream=true"),
+    ("/v1/completions", {"prompt": ["hi"] * 2000}, 429, None, "limit is 1024"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     "top_logprobs", "logprobs=true"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ 1 }}"}, 400,
+     "chat_template", "--trust-request-chat-template"),
+    ("/tokenize", {"messages": []}, 400, "messages", "at least 1"),
+    ("/tokenize", b'{"prompt": "\\ud800"}', 400, "prompt", "tokenized"),
     ("/v1/nowhere", {}, 404, None, "Not Found"),
 ])
 def test_errors_are_openai_error_objects(server, path, body, status, param, words):
@@ -286,6 +297,16 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server, model):
         assert any(line.startswith("data: {") for line in got)
         assert metrics(server)["vllm:kv_cache_usage_perc"] > 0
     m = wait_idle(server, timeout=10)
+    assert (m["vllm:num_requests_running"], m["vllm:kv_cache_usage_perc"]) == (0, 0)
+    assert m['vllm:request_success_total{finished_reason=abort}'] == before + 1
+
+
+def test_disconnect_before_a_non_streamed_answer_aborts(server, model):
+    before = metrics(server).get('vllm:request_success_total{finished_reason=abort}', 0)
+    with pytest.raises(httpx.TimeoutException):
+        http(server, "POST", "/v1/completions", timeout=1.5,
+             json={"model": model, "prompt": PROMPTS[0], "max_tokens": 3000, "ignore_eos": True})
+    m = wait_idle(server, timeout=10)  # 3000 tokens would take minutes: it was aborted
     assert (m["vllm:num_requests_running"], m["vllm:kv_cache_usage_perc"]) == (0, 0)
     assert m['vllm:request_success_total{finished_reason=abort}'] == before + 1
 

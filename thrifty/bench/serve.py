@@ -105,12 +105,35 @@ def _payload(cfg: ServeConfig, model: str | None, p: ServePrompt) -> tuple[str, 
 def _content(chunk: dict) -> str:
     texts = []
     for c in chunk.get("choices") or []:
-        texts.append(c.get("text") or (c.get("delta") or {}).get("content") or "")
+        if isinstance(c, dict):
+            delta = c.get("delta") if isinstance(c.get("delta"), dict) else {}
+            piece = c.get("text") or delta.get("content") or ""
+            texts.append(piece if isinstance(piece, str) else "")
     return "".join(texts)
+
+
+def _error_message(error) -> str:
+    return str(error.get("message", error)) if isinstance(error, dict) else str(error)
+
+
+def _int(value) -> int:
+    return value if isinstance(value, int) else 0
 
 
 async def _send(client: httpx.AsyncClient, cfg: ServeConfig, model: str | None, p: ServePrompt,
                 count_tokens) -> RequestResult:
+    """One request, whatever the server does: any failure is returned as a result, never raised.
+    The timeout is for the whole request (httpx's own only bounds each read)."""
+    try:
+        return await asyncio.wait_for(_stream_one(client, cfg, model, p, count_tokens), cfg.timeout_s)
+    except asyncio.TimeoutError:
+        return RequestResult(error=f"TimeoutError: no complete answer within {cfg.timeout_s:g} s")
+    except Exception as e:  # noqa: BLE001 - an odd server must not end the run
+        return RequestResult(error=f"{type(e).__name__}: {e}")
+
+
+async def _stream_one(client: httpx.AsyncClient, cfg: ServeConfig, model: str | None, p: ServePrompt,
+                      count_tokens) -> RequestResult:
     path, body = _payload(cfg, model, p)
     r = RequestResult()
     start = last = time.perf_counter()
@@ -129,10 +152,14 @@ async def _send(client: httpx.AsyncClient, cfg: ServeConfig, model: str | None, 
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
-                if "error" in chunk:
-                    r.error = f"in-stream error: {chunk['error'].get('message', chunk['error'])}"
+                if not isinstance(chunk, dict):
+                    r.error = f"unexpected stream data: {data[:100]}"
                     return r
-                usage = chunk.get("usage") or usage
+                if "error" in chunk:
+                    r.error = f"in-stream error: {_error_message(chunk['error'])}"
+                    return r
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
                 piece = _content(chunk)
                 if piece:
                     now = time.perf_counter()
@@ -142,13 +169,14 @@ async def _send(client: httpx.AsyncClient, cfg: ServeConfig, model: str | None, 
                         r.itl.append(now - last)
                     last = now
                     text.append(piece)
-    except (httpx.HTTPError, OSError, json.JSONDecodeError, asyncio.TimeoutError) as e:
+    except (httpx.HTTPError, OSError, json.JSONDecodeError) as e:
         r.error = f"{type(e).__name__}: {e}"
         return r
     r.e2el = time.perf_counter() - start
     if usage:
-        r.prompt_tokens, r.output_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-        r.cost_usd = usage.get("cost_usd")
+        r.prompt_tokens, r.output_tokens = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+        cost = usage.get("cost_usd")
+        r.cost_usd = float(cost) if isinstance(cost, (int, float)) else None
     else:  # a server without usage in streams: count locally
         r.prompt_tokens, r.output_tokens = count_tokens(p.prompt), count_tokens("".join(text))
     if not text and r.output_tokens == 0:
@@ -182,7 +210,10 @@ async def _server_counters(client: httpx.AsyncClient) -> dict[str, float] | None
     for line in resp.text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in wanted:
-            out[wanted[name]] = out.get(wanted[name], 0.0) + float(line.rsplit(" ", 1)[1])
+            try:
+                out[wanted[name]] = out.get(wanted[name], 0.0) + float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                continue
     return out or None
 
 
@@ -200,8 +231,8 @@ async def warm_up(cfg: ServeConfig, prompts: list[ServePrompt], count_tokens) ->
 async def _discover_model(client: httpx.AsyncClient) -> str | None:
     try:
         resp = await client.get("/v1/models")
-        return resp.json()["data"][0]["id"] if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, KeyError, IndexError):
+        return str(resp.json()["data"][0]["id"]) if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
         return None
 
 

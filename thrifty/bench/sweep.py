@@ -16,12 +16,22 @@ from thrifty.bench.serve import ServeConfig, run_serve
 from thrifty.bench.throughput import cpu_name
 
 
+def check_sweep_values(by: str, values: list[float]) -> None:
+    """Before anything runs, so a bad value cannot throw away points already measured."""
+    if not values:
+        raise ValueError("sweep: no values given")
+    for v in values:
+        if by == "request_rate" and not v > 0:
+            raise ValueError(f"request_rates: {v:g} is not > 0 (use inf for all at once)")
+        if by == "max_concurrency" and not (math.isfinite(v) and v >= 1 and v == int(v)):
+            raise ValueError(f"max_concurrencies: {v:g} is not a positive integer")
+
+
 async def run_sweep(cfg: ServeConfig, by: str, values: list[float], prompts: list[ServePrompt], count_tokens,
                     dataset: str, progress: bool = True) -> dict:
     if by not in ("request_rate", "max_concurrency"):
         raise ValueError(f"sweep must be over request_rate or max_concurrency, got {by!r}")
-    if not values:
-        raise ValueError("sweep: no values given")
+    check_sweep_values(by, values)
     points = []
     for value in values:
         point_cfg = replace(cfg, request_rate=value) if by == "request_rate" else replace(cfg, max_concurrency=int(value))
@@ -37,7 +47,7 @@ async def run_sweep(cfg: ServeConfig, by: str, values: list[float], prompts: lis
         "model": points[0]["model"],
         "base_url": cfg.base_url,
         "sweep": by,
-        "values": [v if math.isfinite(v) else "inf" for v in values],
+        "values": [int(v) if by == "max_concurrency" else v if math.isfinite(v) else "inf" for v in values],
         "price_per_hour_usd": cfg.price_per_hour,
         "machine": cpu_name(),
         "date": time.strftime("%Y-%m-%d"),

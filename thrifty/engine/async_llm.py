@@ -62,7 +62,8 @@ class AsyncLLM:
         self._num_pending_adds = 0
         self.dead_error: BaseException | None = None
         self.step_observers: list[Callable[[StepObservation], None]] = []
-        self.abort_observers: list[Callable[[str], None]] = []
+        # Called with (request id, "abort" | "error") when a request ends without finishing.
+        self.end_observers: list[Callable[[str, str], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -95,9 +96,16 @@ class AsyncLLM:
     # -- requests -----------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        prompt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields RequestOutputs whose choices carry only what is new since the last one.
-        Raises ValueError for a bad prompt before anything is queued. Leaving the iteration
-        early (a client gone) aborts the request and frees its blocks before the next step."""
+        """add_request() and its outputs in one call."""
+        async for out in self.add_request(prompt_token_ids, params, request_id, prompt):
+            yield out
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                    prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queues the request now (so it counts as waiting at once) and returns an iterator of
+        RequestOutputs whose choices carry only what is new since the last one. Raises ValueError
+        for a bad prompt before anything is queued. Leaving the iteration early (a client gone)
+        aborts the request and frees its blocks before the next step; so does abort()."""
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running")
         self.engine.validate(prompt_token_ids)
@@ -119,6 +127,9 @@ class AsyncLLM:
                 self._finish_stream(request_id, e)
 
         self._submit(add)
+        return self._outputs(request_id, stream)
+
+    async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         try:
             while True:
                 item = await stream.queue.get()
@@ -132,17 +143,19 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        """Stop a request (no-op if it already finished); its blocks are freed before the next step."""
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return
         stream.finished = True
+
         def abort() -> None:
             self.engine.abort_request(request_id)
-            self.cost.forget(request_id)
+            self.cost.forget(request_id, billed=False)
 
         self._submit(abort)
-        for observe in self.abort_observers:
-            observe(request_id)
+        for observe in self.end_observers:
+            observe(request_id, "abort")
 
     def _submit(self, op: Callable[[], None]) -> None:
         self._pending.append(op)
@@ -172,8 +185,10 @@ class AsyncLLM:
                     logger.exception("engine step failed; its requests get an error, the others go on")
                     self.cost.step(time.monotonic(), engine.last_step_tokens)
                     for request_id in e.request_ids:
-                        self.cost.forget(request_id)
+                        self.cost.forget(request_id, billed=False)
                         self._finish_stream(request_id, RuntimeError(f"the model step failed: {e.__cause__!r}"))
+                        for observe in self.end_observers:
+                            observe(request_id, "error")
                     continue
                 end = time.monotonic()
                 self.cost.step(end, engine.last_step_tokens)
@@ -205,7 +220,7 @@ class AsyncLLM:
             if out.finished:
                 stream.finished = True
                 self._streams.pop(out.request_id, None)
-                self.cost.forget(out.request_id)
+                self.cost.forget(out.request_id, billed=True)
         return deltas
 
     @staticmethod

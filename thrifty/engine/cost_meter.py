@@ -3,8 +3,10 @@
 Wall time is split exactly into busy time (the engine had requests: from the end of the previous
 step, or the moment work arrived, to the end of this step) and idle time (nothing to run). A
 step's busy time x price is charged to the requests it computed, in proportion to the tokens each
-computed in it; idle time x price is the idle cost. So the requests' costs sum to the busy cost,
-and busy + idle cost = elapsed time x price.
+computed in it; idle time x price is the idle cost. So the requests' costs sum to the busy cost
+(those of aborted or failed requests, which no response reports, are also counted apart as
+unbilled), and busy + idle cost = elapsed time x price, up to the step in progress, which is
+counted when it ends.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class CostMeter:
         self.busy_s = 0.0
         self.idle_s = 0.0
         self.busy_cost_usd = 0.0
+        self.unbilled_cost_usd = 0.0  # part of busy_cost_usd charged to requests that never reported it
         self._request_cost: dict[str, float] = {}
         self._recent: deque[tuple[float, float, int]] = deque()  # (end, busy seconds, tokens) per step
 
@@ -60,8 +63,11 @@ class CostMeter:
     def request_cost(self, request_id: str) -> float:
         return self._request_cost.get(request_id, 0.0)
 
-    def forget(self, request_id: str) -> None:
-        self._request_cost.pop(request_id, None)
+    def forget(self, request_id: str, billed: bool) -> None:
+        """The request is over; billed=False when its cost reached no response (aborted, failed)."""
+        cost = self._request_cost.pop(request_id, 0.0)
+        if not billed:
+            self.unbilled_cost_usd += cost
 
     # -- what Prometheus reads ----------------------------------------------------------
     def idle_seconds(self, now: float) -> float:

@@ -63,6 +63,9 @@ class _EngineStateCollector:
         for family, name, doc, value in (
             (CounterMetricFamily, "thrifty:cost_usd", "Busy time x price, charged to the requests that ran.",
              cost.busy_cost_usd),
+            (CounterMetricFamily, "thrifty:unbilled_cost_usd",
+             "Part of thrifty:cost_usd charged to requests that ended without a response (aborted, failed).",
+             cost.unbilled_cost_usd),
             (CounterMetricFamily, "thrifty:idle_cost_usd", "Time with nothing to run x price.",
              cost.idle_cost_usd(now)),
             (CounterMetricFamily, "thrifty:busy_seconds", "Seconds the engine had requests to run.", cost.busy_s),
@@ -118,7 +121,7 @@ class EngineMetrics:
         self.model_name = model_name
         self._last_token_time: dict[str, float] = {}
         llm.step_observers.append(self.observe_step)
-        llm.abort_observers.append(self.observe_abort)
+        llm.end_observers.append(self.observe_end)
 
     def observe_step(self, obs: StepObservation) -> None:
         self.iteration_tokens.observe(obs.num_tokens)
@@ -144,9 +147,10 @@ class EngineMetrics:
             elif new_tokens:
                 self._last_token_time[out.request_id] = now
 
-    def observe_abort(self, request_id: str) -> None:
+    def observe_end(self, request_id: str, reason: str) -> None:
+        """A request that ended unfinished: "abort" (client gone) or "error" (its step failed)."""
         self._last_token_time.pop(request_id, None)
-        self._success.labels(self.model_name, "abort").inc()
+        self._success.labels(self.model_name, reason).inc()
 
     def observe_key_usage(self, key_name: str, prompt_tokens: int, generation_tokens: int, cost_usd: float) -> None:
         self.key_prompt_tokens.labels(self.model_name, key_name).inc(prompt_tokens)

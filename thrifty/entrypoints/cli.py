@@ -164,13 +164,14 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 def cmd_bench_sweep(args: argparse.Namespace) -> int:
     import asyncio
 
-    from thrifty.bench.sweep import run_sweep
+    from thrifty.bench.sweep import check_sweep_values, run_sweep
     from thrifty.bench.throughput import write_json
 
     if (args.request_rates is None) == (args.max_concurrencies is None):
         raise ValueError("sweep: give exactly one of --request-rates or --max-concurrencies")
     by, values = (("request_rate", args.request_rates) if args.request_rates is not None
-                  else ("max_concurrency", [float(int(v)) for v in args.max_concurrencies]))
+                  else ("max_concurrency", args.max_concurrencies))
+    check_sweep_values(by, values)
     cfg, prompts, count = _load_setup(args, args.request_rate)
     result = asyncio.run(_warm_then(cfg, args.num_warmups, prompts, count,
                                     lambda p: run_sweep(cfg, by, values, p, count, args.dataset,
@@ -203,6 +204,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in 'model' (default: the model's name); the first is reported")
     g.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a chat_template field in requests (a template is code the server runs)")
     g.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="queued requests beyond which new ones get 429 with Retry-After (0: no limit)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,

@@ -7,10 +7,13 @@ running requests finish for up to --shutdown-timeout seconds, then stops the eng
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import hmac
 import logging
 import signal
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -64,9 +67,11 @@ def parse_api_keys(values: list[str] | None) -> dict[str, str | None]:
 
 
 def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, str | None] | None = None,
-              chat_template: str | None = None, model_root: str | None = None) -> FastAPI:
+              chat_template: str | None = None, model_root: str | None = None,
+              trust_request_chat_template: bool = False) -> FastAPI:
     metrics = EngineMetrics(llm, served_model_names[0])
-    serving = OpenAIServing(llm, served_model_names, chat_template, metrics.observe_key_usage)
+    serving = OpenAIServing(llm, served_model_names, chat_template, metrics.observe_key_usage,
+                            trust_request_chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -118,6 +123,8 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
             return await call_next(request)
 
     def respond(result):
+        if isinstance(result, Response):
+            return result
         if isinstance(result, dict):
             return JSONResponse(result)
         return StreamingResponse(result, media_type="text/event-stream",
@@ -128,11 +135,11 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
-        return respond(await serving.create_completion(req, key_name(raw)))
+        return respond(await _cancel_on_disconnect(raw, serving.create_completion(req, key_name(raw))))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
-        return respond(await serving.create_chat_completion(req, key_name(raw)))
+        return respond(await _cancel_on_disconnect(raw, serving.create_chat_completion(req, key_name(raw))))
 
     created = int(time.time())
 
@@ -163,11 +170,10 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         serving.check_model(req.model)
-        tok = serving.tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of 'prompt' or 'messages'", "prompt")
         if req.prompt is not None:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = serving.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             chat = ChatCompletionRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt)
             ids = serving._chat_prompt(chat).token_ids
@@ -183,6 +189,26 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
         return {"prompt": serving.tokenizer.decode(req.tokens)}
 
     return app
+
+
+async def _cancel_on_disconnect(raw: Request, work: Awaitable):
+    """Runs a handler, cancelling it (and so aborting its requests) if the client goes away first.
+    Starlette notices a disconnect by itself only while it streams a response."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)  # nobody is there to read it
 
 
 def _load_chat_template(value: str | None) -> str | None:
@@ -209,7 +235,7 @@ def _price_per_hour(given: float | None, config: EngineConfig) -> float:
 
     from thrifty.cost.prices import price_for_device
 
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name(torch.device(config.resolve_device()))
     entry = price_for_device(name)
     if entry is None:
         logger.warning("no price table entry for %s: costs are 0 unless --price-per-hour is given", name)
@@ -227,7 +253,8 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
     llm = AsyncLLM(config, max_waiting_requests=args.max_waiting_requests or None,
                    price_per_hour=_price_per_hour(args.price_per_hour, config))
     names = args.served_model_name or [llm.engine.model_name]
-    app = build_app(llm, names, api_keys, chat_template, str(llm.engine.source.path or ""))
+    app = build_app(llm, names, api_keys, chat_template, str(llm.engine.source.path or ""),
+                    args.trust_request_chat_template)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.shutdown_timeout,

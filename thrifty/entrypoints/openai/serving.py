@@ -60,6 +60,18 @@ class _Choice:
 
 
 @dataclass
+class _Job:
+    """One API request: its prompts (one engine request each, with n samples), already queued."""
+
+    prompts: list[_Prompt]
+    n: int
+    request_ids: list[str]
+    outputs: list[AsyncIterator[RequestOutput]]
+    choices: list[_Choice]
+    key_name: str | None
+
+
+@dataclass
 class _Prompt:
     token_ids: list[int]
     text: str | None
@@ -73,8 +85,10 @@ def _finite(x: float) -> float:
 
 class OpenAIServing:
     def __init__(self, llm: AsyncLLM, served_model_names: list[str], chat_template: str | None = None,
-                 key_usage_observer: Callable[[str, int, int, float], None] | None = None):
+                 key_usage_observer: Callable[[str, int, int, float], None] | None = None,
+                 trust_request_chat_template: bool = False):
         self.llm = llm
+        self.trust_request_chat_template = trust_request_chat_template
         self.key_usage_observer = key_usage_observer  # (key name, prompt tokens, generated tokens, cost)
         self.engine = llm.engine
         self.tokenizer = llm.engine.tokenizer
@@ -93,15 +107,21 @@ class OpenAIServing:
         if model is not None and model not in self.served_model_names:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
-    def check_queue(self) -> None:
+    def check_queue(self, num_new: int) -> None:
         limit = self.llm.max_waiting_requests
-        if limit is not None and self.llm.num_waiting >= limit:
-            raise APIError(429, f"Too many requests waiting ({self.llm.num_waiting} queued, the limit is {limit}); "
-                           "retry shortly.", type="rate_limit_error", code="rate_limit_exceeded",
+        waiting = self.llm.num_waiting
+        if limit is not None and waiting + num_new > limit:
+            raise APIError(429, f"Too many requests waiting ({waiting} queued, {num_new} more asked, the limit is "
+                           f"{limit}); retry shortly.", type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"})
 
     # -- shared ---------------------------------------------------------------------------
+    def _reported_model(self, req: _SamplingFields) -> str:
+        return req.model if req.model is not None else self.model_name  # the alias the client asked for
+
     def _check_unsupported(self, req: _SamplingFields) -> None:
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
         if req.response_format is not None and req.response_format.type != "text":
             raise bad_request(f"response_format type {req.response_format.type!r} is not supported yet "
                               "(structured output is not implemented); use 'text'", "response_format")
@@ -143,11 +163,27 @@ class OpenAIServing:
         except ValueError as e:
             raise from_value_error(e) from None
 
-    async def _merged(self, prompts: list[_Prompt], params: list[SamplingParams],
-                      base_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+    def _start(self, prompts: list[_Prompt], params: list[SamplingParams], base_id: str,
+               key_name: str | None) -> _Job:
+        """Queues every prompt's engine request now, so the queue limit sees them at once."""
+        self.check_queue(len(prompts))
+        ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
+        outputs = []
+        try:
+            for rid, p, sp in zip(ids, prompts, params):
+                outputs.append(self.llm.add_request(p.token_ids, sp, rid, p.text))
+        except ValueError as e:
+            for rid in ids:
+                self.llm.abort(rid)
+            raise from_value_error(e) from None
+        choices = [_Choice() for _ in range(len(prompts) * params[0].n)]
+        return _Job(prompts, params[0].n, ids, outputs, choices, key_name)
+
+    @staticmethod
+    async def _merged(outputs: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, delta) from every prompt's request, as they come."""
-        if len(prompts) == 1:
-            async for out in self.llm.generate(prompts[0].token_ids, params[0], base_id, prompts[0].text):
+        if len(outputs) == 1:
+            async for out in outputs[0]:
                 yield 0, out
             return
         queue: asyncio.Queue = asyncio.Queue()
@@ -155,13 +191,13 @@ class OpenAIServing:
 
         async def pump(i: int) -> None:
             try:
-                async for out in self.llm.generate(prompts[i].token_ids, params[i], f"{base_id}-{i}", prompts[i].text):
+                async for out in outputs[i]:
                     queue.put_nowait((i, out))
                 queue.put_nowait(done)
             except BaseException as e:
                 queue.put_nowait(e)
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(outputs))]
         try:
             remaining = len(tasks)
             while remaining:
@@ -174,7 +210,7 @@ class OpenAIServing:
                     yield item
         finally:
             for t in tasks:
-                t.cancel()  # a client gone: each generate() aborts its request on the way out
+                t.cancel()
 
     def _usage(self, prompts: list[_Prompt], choices: list[_Choice]) -> dict:
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
@@ -185,37 +221,34 @@ class OpenAIServing:
                 # thrifty's addition (clients ignore it): this request's share of the engine steps it ran in
                 "cost_usd": sum(p.cost_usd for p in prompts)}
 
-    async def _run(self, prompts: list[_Prompt], params: list[SamplingParams], base_id: str,
-                   choices: list[_Choice], key_name: str | None) -> AsyncIterator[tuple[int, _Choice, CompletionOutput]]:
-        """Accumulates every delta into its choice and yields (choice index, choice, delta).
-        When it ends (done, failed or the client gone) the usage is counted for the API key's name."""
+    async def _run(self, job: _Job) -> AsyncIterator[tuple[int, _Choice, CompletionOutput]]:
+        """Accumulates every delta into its choice and yields (choice index, choice, delta). When it
+        ends (done, failed, or the client gone) unfinished requests are aborted and the usage is
+        counted for the API key's name."""
         try:
-            async for item in self._accumulate(prompts, params, base_id, choices):
-                yield item
+            async for i, out in self._merged(job.outputs):
+                prompt = job.prompts[i]
+                prompt.num_cached_tokens = out.num_cached_tokens
+                prompt.cost_usd = out.cost_usd or 0.0
+                for c in out.outputs:
+                    index = i * job.n + c.index
+                    choice = job.choices[index]
+                    choice.text += c.text
+                    choice.token_ids += c.token_ids
+                    if c.logprobs:
+                        choice.logprobs += c.logprobs
+                    if c.finish_reason is not None and choice.finish_reason is None:
+                        choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
+                    elif not (c.text or c.token_ids):
+                        continue  # this choice had nothing new
+                    yield index, choice, c
         finally:
-            if key_name is not None and self.key_usage_observer is not None:
-                usage = self._usage(prompts, choices)
-                self.key_usage_observer(key_name, usage["prompt_tokens"], usage["completion_tokens"],
+            for rid in job.request_ids:
+                self.llm.abort(rid)  # a no-op for the finished ones
+            if job.key_name is not None and self.key_usage_observer is not None:
+                usage = self._usage(job.prompts, job.choices)
+                self.key_usage_observer(job.key_name, usage["prompt_tokens"], usage["completion_tokens"],
                                         usage["cost_usd"])
-
-    async def _accumulate(self, prompts: list[_Prompt], params: list[SamplingParams], base_id: str,
-                          choices: list[_Choice]) -> AsyncIterator[tuple[int, _Choice, CompletionOutput]]:
-        n = params[0].n
-        async for i, out in self._merged(prompts, params, base_id):
-            prompts[i].num_cached_tokens = out.num_cached_tokens
-            prompts[i].cost_usd = out.cost_usd or 0.0
-            for c in out.outputs:
-                index = i * n + c.index
-                choice = choices[index]
-                choice.text += c.text
-                choice.token_ids += c.token_ids
-                if c.logprobs:
-                    choice.logprobs += c.logprobs
-                if c.finish_reason is not None and choice.finish_reason is None:
-                    choice.finish_reason, choice.stop_reason = c.finish_reason, c.stop_reason
-                elif not (c.text or c.token_ids):
-                    continue  # this choice had nothing new
-                yield index, choice, c
 
     @staticmethod
     def _sse(payload: dict | str) -> str:
@@ -236,13 +269,14 @@ class OpenAIServing:
             raw = [p]
         else:
             raw = list(p)
-        prompts = []
-        for item in raw:
-            if isinstance(item, str):
-                prompts.append(_Prompt(self.tokenizer.encode(item, add_special_tokens=True), item))
-            else:
-                prompts.append(_Prompt(list(item), None))
-        return prompts
+        return [_Prompt(self.encode(item), item) if isinstance(item, str) else _Prompt(list(item), None)
+                for item in raw]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as e:  # e.g. a lone UTF-16 surrogate the tokenizer cannot take
+            raise bad_request(f"prompt: cannot be tokenized: {e}", "prompt") from None
 
     async def create_completion(self, req: CompletionRequest, key_name: str | None = None):
         self.check_model(req.model)
@@ -259,22 +293,21 @@ class OpenAIServing:
             self._validate_prompt(p.token_ids)
             max_tokens = self._max_tokens(len(p.token_ids), req.max_tokens, "max_tokens")
             params.append(self._sampling_params(req, max_tokens, req.logprobs))
-        self.check_queue()
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        choices = [_Choice() for _ in range(len(prompts) * req.n)]
+        job = self._start(prompts, params, request_id, key_name)
         if req.echo:
-            for i, choice in enumerate(choices):
+            for i, choice in enumerate(job.choices):
                 p = prompts[i // req.n]
                 choice.text = p.text if p.text is not None else self.tokenizer.decode(p.token_ids)
-        head = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
+        head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
+                "model": self._reported_model(req)}
         if req.stream:
-            return self._completion_stream(req, prompts, params, request_id, head, choices, key_name)
-        async for _ in self._run(prompts, params, request_id, choices, key_name):
+            return self._completion_stream(req, job, head)
+        async for _ in self._run(job):
             pass
         return {**head, "choices": [self._completion_choice(i, c, c.text, c.logprobs, 0)
-                                    for i, c in enumerate(choices)],
-                "usage": self._usage(prompts, choices)}
+                                    for i, c in enumerate(job.choices)],
+                "usage": self._usage(prompts, job.choices)}
 
     def _completion_choice(self, index: int, choice: _Choice, text: str, logprobs: list | None,
                            text_offset: int, final: bool = True) -> dict:
@@ -294,12 +327,13 @@ class OpenAIServing:
             offset += len(sampled.decoded_token or "")
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
-    async def _completion_stream(self, req, prompts, params, request_id, head, choices, key_name) -> AsyncIterator[str]:
+    async def _completion_stream(self, req: CompletionRequest, job: _Job, head: dict) -> AsyncIterator[str]:
         include_usage, continuous = self._stream_with_usage(req)
+        prompts, choices = job.prompts, job.choices
         echoed = [False] * len(choices)
         sent_chars = [0] * len(choices)  # for text_offset
         try:
-            async for index, choice, delta in self._run(prompts, params, request_id, choices, key_name):
+            async for index, choice, delta in self._run(job):
                 text = delta.text
                 if req.echo and not echoed[index]:
                     echoed[index] = True
@@ -338,6 +372,9 @@ class OpenAIServing:
             if m.name is not None:
                 msg["name"] = m.name
             messages.append(msg)
+        if req.chat_template is not None and not self.trust_request_chat_template:
+            raise bad_request("chat_template in a request is refused (a template is code the server runs); start "
+                              "the server with --trust-request-chat-template to allow it", "chat_template")
         try:
             ids = self.tokenizer.apply_chat_template(
                 messages, chat_template=req.chat_template or self.chat_template, tokenize=True, return_dict=False,
@@ -352,25 +389,27 @@ class OpenAIServing:
         self._check_unsupported(req)
         if req.tools:
             raise bad_request("tools are not supported yet", "tools")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         prompt = self._chat_prompt(req)
         self._validate_prompt(prompt.token_ids)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._max_tokens(len(prompt.token_ids), requested, "max_completion_tokens")
         top = req.top_logprobs or 0
         params = [self._sampling_params(req, max_tokens, top if req.logprobs else None)]
-        self.check_queue()
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        head = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name}
-        choices = [_Choice() for _ in range(req.n)]
+        job = self._start([prompt], params, request_id, key_name)
+        head = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+                "model": self._reported_model(req)}
         if req.stream:
-            return self._chat_stream(req, [prompt], params, request_id, head, choices, key_name)
-        async for _ in self._run([prompt], params, request_id, choices, key_name):
+            return self._chat_stream(req, job, head)
+        async for _ in self._run(job):
             pass
         return {**head, "choices": [
             {"index": i, "message": {"role": "assistant", "content": c.text},
              "logprobs": self._chat_logprobs(c.logprobs, top) if req.logprobs else None,
              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-            for i, c in enumerate(choices)], "usage": self._usage([prompt], choices)}
+            for i, c in enumerate(job.choices)], "usage": self._usage([prompt], job.choices)}
 
     @staticmethod
     def _chat_logprobs(entries: list[dict[int, Logprob]], top: int) -> dict:
@@ -385,8 +424,9 @@ class OpenAIServing:
             content.append({**item(sampled), "top_logprobs": [item(lp) for lp in ranked[:top]]})
         return {"content": content}
 
-    async def _chat_stream(self, req, prompts, params, request_id, head, choices, key_name) -> AsyncIterator[str]:
+    async def _chat_stream(self, req: ChatCompletionRequest, job: _Job, head: dict) -> AsyncIterator[str]:
         include_usage, continuous = self._stream_with_usage(req)
+        prompts, choices = job.prompts, job.choices
         head = {**head, "object": "chat.completion.chunk"}
         top = req.top_logprobs or 0
 
@@ -397,13 +437,14 @@ class OpenAIServing:
             return self._sse(c)
 
         try:
-            for i in range(len(choices)):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            async for index, choice, delta in self._run(prompts, params, request_id, choices, key_name):
+            async for index, choice, delta in self._run(job):
                 final = delta.finish_reason is not None
                 if not (delta.text or delta.logprobs or final):
                     continue
+                if not choice.started:  # the role opens each choice, with its first output (as vLLM)
+                    choice.started = True
+                    yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
                 yield chunk([{"index": index, "delta": {"content": delta.text} if delta.text else {},
                               "logprobs": self._chat_logprobs(delta.logprobs, top) if req.logprobs and delta.logprobs
                               else None,
