@@ -280,9 +280,9 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="requests", dynamic_ncols=True)
 
 
-def _stats_ms(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": 0.0, **{f"p{q}": 0.0 for q in _PERCENTILES}}
+def _stats_ms(values: list[float]) -> dict[str, float | None]:
+    if not values:  # nothing measured (no completed request; TPOT: only 1-token outputs) is null, not 0
+        return {"mean": None, **{f"p{q}": None for q in _PERCENTILES}}
     arr = np.asarray(values) * 1000.0
     return {"mean": round(float(arr.mean()), 3),
             **{f"p{q}": round(float(np.percentile(arr, q)), 3) for q in _PERCENTILES}}
@@ -355,8 +355,8 @@ def print_table(result: dict) -> None:
             ("total throughput (tok/s)", result["total_token_throughput"])]
     for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         s = result[metric]
-        rows.append((f"{metric.split('_')[0].upper()} ms mean/p50/p90/p99",
-                     f"{s['mean']:.1f} / {s['p50']:.1f} / {s['p90']:.1f} / {s['p99']:.1f}"))
+        values = " / ".join("-" if s[k] is None else f"{s[k]:.1f}" for k in ("mean", "p50", "p90", "p99"))
+        rows.append((f"{metric.split('_')[0].upper()} ms mean/p50/p90/p99", values))
     if result["goodput"] is not None:
         rows.append((f"goodput (req/s, {result['slos']})", result["goodput"]))
     if result["cost_per_million_output_tokens_usd"] is not None:

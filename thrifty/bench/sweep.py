@@ -37,9 +37,10 @@ async def run_sweep(cfg: ServeConfig, by: str, values: list[float], prompts: lis
         point_cfg = replace(cfg, request_rate=value) if by == "request_rate" else replace(cfg, max_concurrency=int(value))
         point_cfg.label = cfg.label or "default"
         result = await run_serve(point_cfg, prompts, count_tokens, dataset, progress)
+        ttft, tpot = result["ttft_ms"]["p99"], result["tpot_ms"]["p99"]
         print(f"{by}={value:g}: {result['completed']} ok, {result['failed']} failed, "
-              f"{result['output_throughput']:.1f} output tok/s, TTFT p99 {result['ttft_ms']['p99']:.0f} ms, "
-              f"TPOT p99 {result['tpot_ms']['p99']:.0f} ms", flush=True)
+              f"{result['output_throughput']:.1f} output tok/s, TTFT p99 {ttft if ttft is None else round(ttft)} ms, "
+              f"TPOT p99 {tpot if tpot is None else round(tpot)} ms", flush=True)
         points.append(result)
     return {
         "kind": "bench_sweep",

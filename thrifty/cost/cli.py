@@ -51,6 +51,10 @@ def cmd_formula(args: argparse.Namespace) -> int:
         entry = load_prices(args.prices).lookup(args.device, "device")
         price = entry.price_per_hour_usd
         lines.append(f"price from the price table: {entry.name}, {entry.source}, {entry.date} (list price)")
+        if entry.kind == "instance" and entry.accelerators > 1:
+            # The formula's price is per GPU; an instance's price covers all of its accelerators.
+            price /= entry.accelerators
+            lines.append(f"per GPU: instance price / {entry.accelerators} accelerators = {price:g} USD")
     result = cost_per_token(args.num_gpus, price, args.tokens_per_second, args.utilization)
     _print(result.lines() + lines)
     _write_json(result.to_dict(), args.json)

@@ -144,6 +144,10 @@ def _estimate_serve(point: dict, sc: DeviceScaling) -> dict:
     out["price_per_hour_usd"] = price
     out["cost_per_million_output_tokens_usd"] = _cost_per_million(price, out.get("output_throughput"))
     out["cost_per_million_tokens_usd"] = _cost_per_million(price, out.get("total_token_throughput"))
+    duration = out.get("duration_s")
+    out["cost_usd"] = price * duration / 3600 if _is_number(price) and _is_number(duration) else None
+    for measured_only in ("server_reported_cost_usd", "server_counters_delta"):
+        out.pop(measured_only, None)  # what the measured server said does not carry over
     out["machine"] = sc.to_device.name
     out["label"] = f"{ESTIMATE} {sc.to_device.name} from {point.get('label') or 'result'}"
     _mark(out, sc)

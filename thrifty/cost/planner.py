@@ -175,8 +175,10 @@ def parse_sweep(data: object, source: str) -> Sweep:
         kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"sweep: {source} is not a bench_sweep or bench_serve result (kind {kind!r})")
     if data["kind"] == "bench_serve":
-        swept = "request_rate"
-        points = (_point(data, data.get("request_rate"), source),)
+        # A lone result run with a concurrency cap and no rate limit was loaded by its concurrency.
+        capped = data.get("max_concurrency") is not None and str(data.get("request_rate")) in ("inf", "Infinity")
+        swept = "max_concurrency" if capped else "request_rate"
+        points = (_point(data, data.get(swept), source),)
     else:
         swept = str(data.get("sweep") or "value")
         raw = _field(data, "points", source)
@@ -216,6 +218,8 @@ def check_point(point: SweepPoint, w: Workload) -> PointCheck:
         why.append("no completed request")
     if point.failed:
         why.append(f"{point.failed} failed")
+    if point.completed and (point.total_output_tokens == 0 or point.request_throughput == 0):
+        why.append("no output tokens or no throughput measured")
     if point.ttft_p99_ms is None:
         why.append("no TTFT measured")
     elif point.ttft_p99_ms > w.slo_ttft_ms:
@@ -343,6 +347,11 @@ class Plan:
                  num(ch.point.ttft_p99_ms), num(ch.point.tpot_p99_ms),
                  "yes" if ch.meets_slos else "no: " + "; ".join(ch.reasons)] for ch in c.checks]
         out += table_lines([head, *rows], align="rrrrrl", indent="    ")
+        for ch in c.checks:
+            rate = ch.point.value if sw.swept == "request_rate" else None
+            if isinstance(rate, (int, float)) and math.isfinite(rate) and ch.point.request_throughput < 0.9 * rate:
+                out.append(f"    note: at {_value_text(rate)} req/s offered it served {num(ch.point.request_throughput)}: "
+                           "saturated, so its latencies grow with the length of the run")
         s = c.sizing
         if s is None:
             out.append("  NO POINT MEETS BOTH SLOs: this configuration cannot serve the workload as measured; "
