@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -15,7 +14,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from thrifty.report.cli import register  # noqa: E402
+from thrifty.entrypoints.cli import main  # noqa: E402
 from thrifty.report.report import build_report, write_html, write_markdown  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -203,10 +202,7 @@ def test_bad_input_names_the_file(tmp_path, content, message):
 
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="thrifty")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)  # the thrifty command: ValueError becomes exit code 2
 
 
 def test_cli(inputs, tmp_path, capsys):

@@ -10,6 +10,7 @@ Every request failure (HTTP error, refused connection, timeout) is counted, neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import httpx2 as httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from thrifty.bench.datasets import ServePrompt
 from thrifty.bench.throughput import cpu_name
@@ -201,19 +203,15 @@ async def _server_counters(client: httpx.AsyncClient) -> dict[str, float] | None
         resp = await client.get("/metrics")
         if resp.status_code != 200:
             return None
-    except httpx.HTTPError:
+        families = list(text_string_to_metric_families(resp.text))
+    except (httpx.HTTPError, ValueError):  # unreachable, or not Prometheus text
         return None
     wanted = {"vllm:prompt_tokens_total": "prompt_tokens", "vllm:generation_tokens_total": "generation_tokens",
               "vllm:prefix_cache_queries_total": "prefix_cache_queries",
               "vllm:prefix_cache_hits_total": "prefix_cache_hits", "thrifty:cost_usd_total": "cost_usd"}
     out: dict[str, float] = {}
-    for line in resp.text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in wanted:
-            try:
-                out[wanted[name]] = out.get(wanted[name], 0.0) + float(line.rsplit(" ", 1)[1])
-            except ValueError:
-                continue
+    for sample in (s for family in families for s in family.samples if s.name in wanted):
+        out[wanted[sample.name]] = out.get(wanted[sample.name], 0.0) + sample.value
     return out or None
 
 
@@ -221,11 +219,16 @@ async def warm_up(cfg: ServeConfig, prompts: list[ServePrompt], count_tokens) ->
     """Requests sent before measuring (results dropped), so the run sees a warm server."""
     if not prompts:
         return
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    async with httpx.AsyncClient(base_url=cfg.base_url, headers=headers, timeout=cfg.timeout_s) as client:
+    async with _client(cfg) as client:
         model = cfg.model or await _discover_model(client)
         for p in prompts:
             await _send(client, cfg, model, p, count_tokens)
+
+
+def _client(cfg: ServeConfig, max_connections: int | None = None) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=100)
+    return httpx.AsyncClient(base_url=cfg.base_url, headers=headers, timeout=cfg.timeout_s, limits=limits)
 
 
 async def _discover_model(client: httpx.AsyncClient) -> str | None:
@@ -238,22 +241,16 @@ async def _discover_model(client: httpx.AsyncClient) -> str | None:
 
 async def run_serve(cfg: ServeConfig, prompts: list[ServePrompt], count_tokens, dataset: str,
                     progress: bool = True) -> dict:
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    limits = httpx.Limits(max_connections=cfg.max_concurrency or 10_000, max_keepalive_connections=100)
-    async with httpx.AsyncClient(base_url=cfg.base_url, headers=headers, timeout=cfg.timeout_s,
-                                 limits=limits) as client:
+    async with _client(cfg, cfg.max_concurrency or 10_000) as client:
         model = cfg.model or await _discover_model(client)
         before = await _server_counters(client)
         rng = random.Random(cfg.seed)
-        gate = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+        gate = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else contextlib.nullcontext()
         bar = _progress(len(prompts), progress)
 
         async def one(p: ServePrompt) -> RequestResult:
-            if gate is None:
+            async with gate:
                 result = await _send(client, cfg, model, p, count_tokens)
-            else:
-                async with gate:
-                    result = await _send(client, cfg, model, p, count_tokens)
             if bar is not None:
                 bar.update(1)
             return result

@@ -41,11 +41,8 @@ class _Stream:
 class StepObservation:
     """What one engine step did, for metrics and cost accounting."""
 
-    start: float
     end: float
-    num_tokens: int
-    num_running: int
-    num_waiting: int
+    num_tokens: int  # computed in the step, over all its requests
     outputs: list[RequestOutput] = field(default_factory=list)  # deltas, as the requests received them
 
 
@@ -193,8 +190,7 @@ class AsyncLLM:
                 end = time.monotonic()
                 self.cost.step(end, engine.last_step_tokens)
                 deltas = self._dispatch(outputs)
-                obs = StepObservation(start, end, engine.last_step_num_tokens, self.num_running,
-                                      self.num_waiting, deltas)
+                obs = StepObservation(end, sum(engine.last_step_tokens.values()), deltas)
                 for observe in self.step_observers:
                     observe(obs)
                 await asyncio.sleep(0)  # let handlers run between steps

@@ -107,7 +107,6 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         self.stats = EngineStats()
-        self.last_step_num_tokens = 0
         self.last_step_tokens: dict[str, int] = {}  # request id -> tokens computed in the last step
         self._states: dict[str, _RequestState] = {}
         self._seq_parent: dict[str, _RequestState] = {}
@@ -134,9 +133,12 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise ValueError(f"prompt: {n} tokens, longer than the context allows (max_model_len="
                              f"{self.max_model_len}, which must also leave room for one generated token)")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        self.check_vocab(prompt_token_ids, "prompt_token_ids")
+
+    def check_vocab(self, token_ids: list[int], field: str) -> None:
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt_token_ids: {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+            raise ValueError(f"{field}: {bad[0]} is outside the vocabulary (size {self.vocab_size})")
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
@@ -187,7 +189,6 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        self.last_step_num_tokens = out.total_num_scheduled_tokens
         self.last_step_tokens = self._tokens_by_request(out)
         if out.is_empty:
             return []

@@ -127,13 +127,13 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _load_setup(args: argparse.Namespace, request_rate: float):
+def _load_setup(args: argparse.Namespace):
     from thrifty.bench.datasets import make_serve_prompts
     from thrifty.bench.serve import ServeConfig, parse_goodput
     from thrifty.model.loader import load_tokenizer, resolve_model
 
     cfg = ServeConfig(base_url=args.base_url.rstrip("/"), model=args.model, endpoint=args.endpoint,
-                      request_rate=request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
+                      request_rate=args.request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
                       seed=args.seed, api_key=args.api_key, goodput=parse_goodput(args.goodput),
                       price_per_hour=args.price_per_hour, timeout_s=args.timeout, label=args.label,
                       ignore_eos=args.ignore_eos)
@@ -153,7 +153,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from thrifty.bench.serve import print_table, run_serve
     from thrifty.bench.throughput import write_json
 
-    cfg, prompts, count = _load_setup(args, args.request_rate)
+    cfg, prompts, count = _load_setup(args)
     result = asyncio.run(_warm_then(cfg, args.num_warmups, prompts, count,
                                     lambda p: run_serve(cfg, p, count, args.dataset, not args.no_progress)))
     print_table(result)
@@ -172,7 +172,7 @@ def cmd_bench_sweep(args: argparse.Namespace) -> int:
     by, values = (("request_rate", args.request_rates) if args.request_rates is not None
                   else ("max_concurrency", args.max_concurrencies))
     check_sweep_values(by, values)
-    cfg, prompts, count = _load_setup(args, args.request_rate)
+    cfg, prompts, count = _load_setup(args)
     result = asyncio.run(_warm_then(cfg, args.num_warmups, prompts, count,
                                     lambda p: run_sweep(cfg, by, values, p, count, args.dataset,
                                                         not args.no_progress)))

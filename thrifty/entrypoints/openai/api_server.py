@@ -33,7 +33,12 @@ from thrifty.entrypoints.openai.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from thrifty.entrypoints.openai.serving import APIError, OpenAIServing, bad_request
+from thrifty.entrypoints.openai.serving import (
+    APIError,
+    OpenAIServing,
+    bad_request,
+    from_value_error,
+)
 
 logger = logging.getLogger("thrifty.server")
 
@@ -80,7 +85,6 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
         await llm.shutdown()
 
     app = FastAPI(title="thrifty", version=thrifty.__version__, lifespan=lifespan)
-    app.state.llm, app.state.serving, app.state.metrics = llm, serving, metrics
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):
@@ -176,16 +180,16 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
             ids = serving.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             chat = ChatCompletionRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt)
-            ids = serving._chat_prompt(chat).token_ids
+            ids = serving.chat_prompt(chat).token_ids
         return {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         serving.check_model(req.model)
-        vocab = llm.engine.vocab_size
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise bad_request(f"tokens: {bad[0]} is outside the vocabulary (size {vocab})", "tokens")
+        try:
+            llm.engine.check_vocab(req.tokens, "tokens")
+        except ValueError as e:
+            raise from_value_error(e) from None
         return {"prompt": serving.tokenizer.decode(req.tokens)}
 
     return app

@@ -254,9 +254,25 @@ class OpenAIServing:
     def _sse(payload: dict | str) -> str:
         return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    def _stream_with_usage(self, req: _SamplingFields) -> tuple[bool, bool]:
+    async def _sse_stream(self, req: _SamplingFields, job: _Job, head: dict,
+                          choice_chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+        """SSE framing shared by both endpoints: one chunk per choice dict, usage per chunk or at the
+        end (stream_options), an error in-band (the status is already sent), then [DONE]."""
         opts = req.stream_options
-        return bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats)
+        include_usage, continuous = bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats)
+        try:
+            async for choice in choice_chunks:
+                chunk = {**head, "choices": [choice]}
+                if include_usage:
+                    chunk["usage"] = self._usage(job.prompts, job.choices) if continuous else None
+                yield self._sse(chunk)
+            if include_usage:
+                yield self._sse({**head, "choices": [], "usage": self._usage(job.prompts, job.choices)})
+        except APIError as e:
+            yield self._sse(e.body())
+        except Exception as e:  # the engine died
+            yield self._sse(APIError(500, str(e), type="internal_error").body())
+        yield self._sse("[DONE]")
 
     # -- /v1/completions -------------------------------------------------------------------
     def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
@@ -302,7 +318,7 @@ class OpenAIServing:
         head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
                 "model": self._reported_model(req)}
         if req.stream:
-            return self._completion_stream(req, job, head)
+            return self._sse_stream(req, job, head, self._completion_chunks(req, job))
         async for _ in self._run(job):
             pass
         return {**head, "choices": [self._completion_choice(i, c, c.text, c.logprobs, 0)
@@ -327,36 +343,22 @@ class OpenAIServing:
             offset += len(sampled.decoded_token or "")
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
-    async def _completion_stream(self, req: CompletionRequest, job: _Job, head: dict) -> AsyncIterator[str]:
-        include_usage, continuous = self._stream_with_usage(req)
-        prompts, choices = job.prompts, job.choices
-        echoed = [False] * len(choices)
-        sent_chars = [0] * len(choices)  # for text_offset
-        try:
-            async for index, choice, delta in self._run(job):
-                text = delta.text
-                if req.echo and not echoed[index]:
-                    echoed[index] = True
-                    text = choice.text[: len(choice.text) - len(delta.text)] + text
-                final = delta.finish_reason is not None
-                if not (text or delta.logprobs or final):
-                    continue  # tokens whose text is still held back (a partial character or stop string)
-                chunk = {**head, "choices": [self._completion_choice(index, choice, text, delta.logprobs,
-                                                                     sent_chars[index], final)]}
-                sent_chars[index] += len(text)
-                if include_usage:
-                    chunk["usage"] = self._usage(prompts, choices) if continuous else None
-                yield self._sse(chunk)
-            if include_usage:
-                yield self._sse({**head, "choices": [], "usage": self._usage(prompts, choices)})
-        except APIError as e:
-            yield self._sse(e.body())
-        except Exception as e:  # the engine died: tell the client in-band, the status is already sent
-            yield self._sse(APIError(500, str(e), type="internal_error").body())
-        yield self._sse("[DONE]")
+    async def _completion_chunks(self, req: CompletionRequest, job: _Job) -> AsyncIterator[dict]:
+        echoed = [False] * len(job.choices)
+        sent_chars = [0] * len(job.choices)  # for text_offset
+        async for index, choice, delta in self._run(job):
+            text = delta.text
+            if req.echo and not echoed[index]:
+                echoed[index] = True
+                text = choice.text[: len(choice.text) - len(delta.text)] + text
+            final = delta.finish_reason is not None
+            if not (text or delta.logprobs or final):
+                continue  # tokens whose text is still held back (a partial character or stop string)
+            yield self._completion_choice(index, choice, text, delta.logprobs, sent_chars[index], final)
+            sent_chars[index] += len(text)
 
     # -- /v1/chat/completions --------------------------------------------------------------
-    def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
+    def chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
         messages = []
         for i, m in enumerate(req.messages):
             content = m.content
@@ -391,7 +393,7 @@ class OpenAIServing:
             raise bad_request("tools are not supported yet", "tools")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-        prompt = self._chat_prompt(req)
+        prompt = self.chat_prompt(req)
         self._validate_prompt(prompt.token_ids)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._max_tokens(len(prompt.token_ids), requested, "max_completion_tokens")
@@ -402,7 +404,8 @@ class OpenAIServing:
         head = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self._reported_model(req)}
         if req.stream:
-            return self._chat_stream(req, job, head)
+            return self._sse_stream(req, job, {**head, "object": "chat.completion.chunk"},
+                                    self._chat_chunks(req, job))
         async for _ in self._run(job):
             pass
         return {**head, "choices": [
@@ -424,36 +427,17 @@ class OpenAIServing:
             content.append({**item(sampled), "top_logprobs": [item(lp) for lp in ranked[:top]]})
         return {"content": content}
 
-    async def _chat_stream(self, req: ChatCompletionRequest, job: _Job, head: dict) -> AsyncIterator[str]:
-        include_usage, continuous = self._stream_with_usage(req)
-        prompts, choices = job.prompts, job.choices
-        head = {**head, "object": "chat.completion.chunk"}
+    async def _chat_chunks(self, req: ChatCompletionRequest, job: _Job) -> AsyncIterator[dict]:
         top = req.top_logprobs or 0
-
-        def chunk(choice_dicts: list[dict]) -> str:
-            c = {**head, "choices": choice_dicts}
-            if include_usage:
-                c["usage"] = self._usage(prompts, choices) if continuous else None
-            return self._sse(c)
-
-        try:
-            async for index, choice, delta in self._run(job):
-                final = delta.finish_reason is not None
-                if not (delta.text or delta.logprobs or final):
-                    continue
-                if not choice.started:  # the role opens each choice, with its first output (as vLLM)
-                    choice.started = True
-                    yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
-                yield chunk([{"index": index, "delta": {"content": delta.text} if delta.text else {},
-                              "logprobs": self._chat_logprobs(delta.logprobs, top) if req.logprobs and delta.logprobs
-                              else None,
-                              "finish_reason": choice.finish_reason if final else None,
-                              **({"stop_reason": choice.stop_reason} if final else {})}])
-            if include_usage:
-                yield self._sse({**head, "choices": [], "usage": self._usage(prompts, choices)})
-        except APIError as e:
-            yield self._sse(e.body())
-        except Exception as e:
-            yield self._sse(APIError(500, str(e), type="internal_error").body())
-        yield self._sse("[DONE]")
+        async for index, choice, delta in self._run(job):
+            final = delta.finish_reason is not None
+            if not (delta.text or delta.logprobs or final):
+                continue
+            if not choice.started:  # the role opens each choice, with its first output (as vLLM)
+                choice.started = True
+                yield {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None}
+            yield {"index": index, "delta": {"content": delta.text} if delta.text else {},
+                   "logprobs": self._chat_logprobs(delta.logprobs, top) if req.logprobs and delta.logprobs else None,
+                   "finish_reason": choice.finish_reason if final else None,
+                   **({"stop_reason": choice.stop_reason} if final else {})}
