@@ -98,3 +98,43 @@ def test_builtin_dummy_shapes_are_known():
     cfg = ModelArchConfig.from_hf(load_hf_config(resolve_model("qwen3-0.6b", "dummy")))
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.qk_norm, cfg.head_dim) == (28, 1024, True, 128)
     assert 0.55e9 < cfg.num_params < 0.65e9
+
+
+def test_widened_bf16_linear_matches_the_bf16_gemm():
+    """The fp32 path for bf16 weights (CPUs without native bf16) gives the bf16 GEMM's answer:
+    each output within one bf16 rounding of the exact float64 result, sliced or not."""
+    from thrifty.layers.linear import UPCAST_MIN_ROWS, UPCAST_SLICE_ROWS, linear
+
+    torch.manual_seed(0)
+    n = UPCAST_SLICE_ROWS * 2 + 77  # a ragged last slice
+    w = torch.randn(n, 96, dtype=torch.bfloat16)
+    b = torch.randn(n, dtype=torch.bfloat16)
+    for rows in (UPCAST_MIN_ROWS - 1, UPCAST_MIN_ROWS, 64):
+        x = torch.randn(rows, 96, dtype=torch.bfloat16)
+        got = linear(x, w, b, widen=True)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        ulp = exact.abs().clamp(min=1e-3) * 2.0 ** -7  # bf16 keeps 8 significant bits
+        assert ((got.double() - exact).abs() <= ulp).all()
+        bf16 = torch.nn.functional.linear(x, w, b)
+        if rows < UPCAST_MIN_ROWS:  # small batches keep the bf16 GEMM itself
+            assert torch.equal(got, bf16)
+        else:
+            assert ((got.double() - bf16.double()).abs() <= 2 * ulp).all()
+
+
+def test_bf16_model_close_to_transformers_bf16(tmp_path):
+    """bf16 end to end (the widened matmuls and decode attention on CPUs without native bf16):
+    prefill logprobs stay within bf16 noise of transformers running the same weights in bf16."""
+    folder, hf_model = _make_folder(tmp_path, "llama")
+    hf_model = hf_model.to(torch.bfloat16)
+    llm = LLM(str(folder), dtype="bfloat16")
+    prompts = [list(range(100, 170)), [5, 17, 900, 33, 4000, 12]]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True), use_tqdm=False)
+    for ids, out in zip(prompts, outs):
+        with torch.inference_mode():
+            ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        for tid, lp in out.outputs[0].logprobs[0].items():
+            assert lp.logprob == pytest.approx(ref[tid].item(), abs=0.05)
+        assert len(out.outputs[0].token_ids) == 8
