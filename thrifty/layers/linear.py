@@ -8,7 +8,7 @@ while it is used and the weight still streams from memory at bf16's half size. T
 of two bf16 numbers are exact in fp32 and the sums run in fp32 either way, so the result
 matches the bf16 GEMM up to summation order; it is rounded to bf16 once, at the end.
 
-A batch of one to four rows (batch-1 decode) is bound by memory bandwidth, not arithmetic:
+A batch of one to four rows (batch-1 decode) is bound by streaming the weights, not by FLOPs:
 there the bf16 GEMM reads half the bytes and wins, so it is kept.
 """
 
