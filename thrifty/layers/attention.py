@@ -82,7 +82,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         qd = q[:nd].unsqueeze(2)
         if widen_for_matmul(qd):
             # Emulated bf16 makes one-token attention 3.6x slower than fp32 (64 requests x 256
-            # tokens on the AVX2 EPYC); prefills keep bf16, where the two are about even.
+            # tokens on the AVX2 EPYC); prefills keep bf16, where widening costs more than it saves.
             qd, kd, vd = qd.float(), kd.float(), vd.float()
         o = _sdpa(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
         out[:nd] = o.squeeze(2)
