@@ -820,11 +820,16 @@ def test_n_gt_1_followers_wait_for_leader_then_hit(caching):
     check_drained(sim)
 
 
-def test_followers_admitted_when_leader_is_gone():
+def _leader_and_follower() -> tuple[Sim, Request, Request]:
+    """Two requests with the same 6-token prompt, the second following the first."""
     sim = Sim(32, 4)
     prompt = prompt_of(6)
     lead = sim.add(make_request("0_r", prompt, cache_salt="r"))
-    f1 = sim.add(make_request("1_r", prompt, cache_salt="r", leader=lead))
+    return sim, lead, sim.add(make_request("1_r", prompt, cache_salt="r", leader=lead))
+
+
+def test_followers_admitted_when_leader_is_gone():
+    sim, lead, f1 = _leader_and_follower()
     sim.abort(lead.request_id)
     out, _ = sim.step()
     assert [s.request for s in out.scheduled] == [f1]
@@ -833,10 +838,7 @@ def test_followers_admitted_when_leader_is_gone():
 
 
 def test_follower_waits_again_while_its_leader_recomputes():
-    sim = Sim(32, 4)
-    prompt = prompt_of(6)
-    lead = sim.add(make_request("0_r", prompt, cache_salt="r"))
-    f1 = sim.add(make_request("1_r", prompt, cache_salt="r", leader=lead))
+    sim, lead, f1 = _leader_and_follower()
     assert sim.sched._waits_for_leader(f1)
     sim.step()
     assert lead.is_prefilled and not sim.sched._waits_for_leader(f1)

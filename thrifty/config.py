@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cache
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+@cache
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls are fast. Without them torch emulates bf16 slowly."""
+    """AVX512-BF16 or AMX: bf16 matmuls are fast. Without them torch emulates bf16 slowly.
+    Read once per process: layers ask on every matmul."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

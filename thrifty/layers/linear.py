@@ -14,8 +14,6 @@ there the bf16 GEMM reads half the bytes and wins, so it is kept.
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,15 +28,9 @@ UPCAST_MIN_ROWS = 5
 UPCAST_SLICE_ROWS = 1024
 
 
-@cache
-def emulated_bf16() -> bool:
-    """True when bf16 matmuls on this CPU are emulated (slow); read once per process."""
-    return not cpu_has_native_bf16()
-
-
 def widen_for_matmul(t: torch.Tensor) -> bool:
     """Whether a bf16 tensor on this device computes faster widened to fp32."""
-    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and emulated_bf16()
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not cpu_has_native_bf16()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
