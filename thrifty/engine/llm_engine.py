@@ -196,8 +196,7 @@ class LLMEngine:
             sampled = self.runner.execute(out)
         except Exception as e:
             # Only this step's requests are lost: free them so the engine can go on serving the rest.
-            failed = list(dict.fromkeys(self._seq_parent[s.request.request_id].request_id
-                                        for s in out.scheduled if s.request.request_id in self._seq_parent))
+            failed = list(self.last_step_tokens)  # the step's requests, n > 1 siblings under one id
             for request_id in failed:
                 self.abort_request(request_id)
             raise StepFailed(failed, e) from e
