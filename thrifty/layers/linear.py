@@ -10,6 +10,14 @@ matches the bf16 GEMM up to summation order; it is rounded to bf16 once, at the 
 
 A batch of one to four rows (batch-1 decode) is bound by streaming the weights, not by FLOPs:
 there the bf16 GEMM reads half the bytes and wins, so it is kept.
+
+fp32 weights on CPU are handed to oneDNN once, at load, in its own blocked layout
+(`prepack`): torch's F.linear goes to MKL, whose small-batch GEMMs are slow on the AVX2 EPYC.
+With all 30 layers of the default model streamed from DRAM, the packed matmuls took
+31 ms against 47 at 1 row, 34 against 79-93 at 4, 57 against 93 at 16 and 181 against
+224-255 at 64; the 49152-row head 5.9 ms against 12.6 at 1 row. The results agree to fp32
+rounding (summation order). oneDNN packs bf16 only on CPUs with native bf16 support, where
+F.linear already reaches oneDNN, so bf16 weights stay as they are.
 """
 
 from __future__ import annotations
@@ -26,11 +34,28 @@ from thrifty.config import cpu_has_native_bf16
 # widening the whole weight (1.6x at 8 rows, 1.4x at 64): the widened copy never leaves cache.
 UPCAST_MIN_ROWS = 5
 UPCAST_SLICE_ROWS = 1024
+# oneDNN picks its blocked layout for this many rows; measured faster than MKL at 1 to 128.
+PACK_BATCH_HINT = 64
 
 
 def widen_for_matmul(t: torch.Tensor) -> bool:
     """Whether a bf16 tensor on this device computes faster widened to fp32."""
     return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not cpu_has_native_bf16()
+
+
+def packs_for_onednn(weight: torch.Tensor) -> bool:
+    """Whether `prepack` hands this weight to oneDNN: fp32 on a CPU build with oneDNN."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and torch.backends.mkldnn.is_available())
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (out, in) in oneDNN's blocked layout, for `packed_linear`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -48,7 +73,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose matmul takes the fp32 path when the weights are bf16 on an emulating CPU."""
+    """nn.Linear whose matmul takes the fastest path this CPU has: oneDNN's packed layout for
+    fp32 weights (after `prepack`), the widened fp32 path for bf16 weights without native bf16."""
+
+    packed: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        """Pack the weight for oneDNN if it takes it, and free the plain copy: the matmul reads
+        only the packed one. Call once, after the weights are loaded and on their device."""
+        if self.packed is None and packs_for_onednn(self.weight):
+            self.packed = pack_weight(self.weight)
+            self.weight.data = self.weight.data.new_empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias)
         return linear(x, self.weight, self.bias, widen_for_matmul(self.weight))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thrifty.layers.attention import AttentionMetadata, paged_attention, write_kv
-from thrifty.layers.linear import Linear, linear, widen_for_matmul
+from thrifty.layers.linear import Linear, linear, pack_weight, packed_linear, packs_for_onednn, widen_for_matmul
 from thrifty.layers.rotary import RotaryEmbedding, apply_rotary
 from thrifty.model.config import ModelArchConfig
 
@@ -97,6 +97,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tied_head_packed: torch.Tensor | None = None  # the embedding packed for the head
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
@@ -108,8 +109,22 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(self.norm(hidden), weight, widen=widen_for_matmul(weight)).float()
+        x = self.norm(hidden)
+        if self.lm_head is not None:
+            return self.lm_head(x).float()
+        if self.tied_head_packed is not None:
+            return packed_linear(x, self.tied_head_packed).float()
+        weight = self.embed_tokens.weight
+        return linear(x, weight, widen=widen_for_matmul(weight)).float()
+
+    def prepack(self) -> None:
+        """Hand the matmul weights to oneDNN where it takes them (see layers/linear.py). A tied
+        head gets a packed copy: the embedding lookup still needs the plain table."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack()
+        if self.lm_head is None and packs_for_onednn(self.embed_tokens.weight):
+            self.tied_head_packed = pack_weight(self.embed_tokens.weight)
 
     # -- weights ------------------------------------------------------------------------
     def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
