@@ -97,8 +97,9 @@ class FakeModel:
         return np.asarray(block_ids, dtype=np.int64)[pos // self.bs] * self.bs + pos % self.bs
 
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        # Write phase (as every layer writes the step's new K/V before attending).
-        for s in out.scheduled:
+        # Write phase (as every layer writes the step's new K/V before attending). A static
+        # batch's padding row rewrites its request's last position, as the runner does.
+        for s in out.scheduled + out.padding:
             r = s.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
             assert s.num_new_tokens >= 1
@@ -182,6 +183,12 @@ def check_scheduled(sim: Sim, out: SchedulerOutput) -> None:
     for r in out.preempted:
         assert r.status == RequestStatus.PREEMPTED and r.num_computed_tokens == 0
         assert r.request_id not in ids and not kv.req_to_blocks.get(r.request_id)
+    assert [p.request for p in out.padding] == sim.sched.padding[: len(out.padding)]
+    for p in out.padding:
+        assert p.padding and not p.samples and p.num_new_tokens == 1
+        assert p.request.is_finished and p.request.status != RequestStatus.FINISHED_ABORTED
+        assert p.request.num_computed_tokens == p.request.num_tokens - 1
+        assert p.block_ids == kv.get_block_ids(p.request.request_id)
     check_pool(sim)
 
 
@@ -207,11 +214,14 @@ def check_state(sim: Sim) -> None:
     live = {r.request_id for r in sched.running} | {r.request_id for r in sched.waiting}
     assert live == set(sched.requests)
     assert len(sched.running) + len(sched.waiting) == len(live)
+    padding = {r.request_id: r for r in sched.padding}
+    # A static batch's finished members keep their blocks only while a batch mate still runs.
+    assert not padding or (sched.running and sim.cfg.policy == "static")
     for rid, blocks in kv.req_to_blocks.items():
-        assert rid in sched.requests, f"finished request {rid} still holds blocks"
-        r = sched.requests[rid]
+        assert rid in sched.requests or rid in padding, f"finished request {rid} still holds blocks"
+        r = sched.requests.get(rid) or padding[rid]
         assert len(blocks) * kv.block_size >= r.num_computed_tokens
-        if blocks:
+        if blocks and rid not in padding:
             assert r.status == RequestStatus.RUNNING
     for r in sched.running:
         assert r.status == RequestStatus.RUNNING
@@ -221,7 +231,7 @@ def check_state(sim: Sim) -> None:
         assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         assert r.num_computed_tokens == 0
     for r in sim.finished:
-        assert r.is_finished and r.request_id not in kv.req_to_blocks
+        assert r.is_finished and (r.request_id not in kv.req_to_blocks or r.request_id in padding)
 
 
 def check_drained(sim: Sim) -> None:
@@ -767,6 +777,48 @@ def test_static_policy_batches_and_reserves():
     sim.run()
     for r in reqs:
         assert r.output_token_ids == reference_output(r.prompt_token_ids, r.sampling_params, 40)[0]
+    check_drained(sim)
+
+
+def test_static_batch_keeps_its_shape_until_its_slowest_member_finishes():
+    bs = 4
+    sim = Sim(32, bs, policy="static", max_num_seqs=2)
+    short = sim.add(dummy_request("short", 5, max_tokens=2))
+    long = sim.add(dummy_request("long", 6, seed=1, max_tokens=7))
+    nxt = sim.add(dummy_request("next", 3, seed=2, max_tokens=1))
+    steps = 0
+    while long.request_id in sim.sched.requests:
+        out, _ = sim.step()
+        steps += 1
+        # short takes its 2 tokens in steps 1-2, then rides along as a padding row.
+        assert [s.request for s in out.scheduled] == ([short, long] if steps <= 2 else [long])
+        assert [p.request for p in out.padding] == ([short] if steps > 2 else [])
+        if 2 <= steps < 7:
+            assert short.is_finished and sim.sched.padding == [short]
+            assert len(sim.kv.get_block_ids("short")) == cdiv(5 + 2, bs)  # its reservation, still held
+    assert steps == 7
+    # The batch is done: short's blocks are free and the next batch starts.
+    assert sim.sched.padding == [] and "short" not in sim.kv.req_to_blocks
+    out, _ = sim.step()
+    assert [s.request for s in out.scheduled] == [nxt] and out.padding == []
+    sim.run()
+    for r in (short, long, nxt):
+        assert r.output_token_ids == reference_output(r.prompt_token_ids, r.sampling_params, sim.cfg.max_model_len)[0]
+    check_drained(sim)
+
+
+def test_static_abort_frees_at_once_and_the_last_member_releases_the_padding():
+    sim = Sim(32, 4, policy="static")
+    a = sim.add(dummy_request("a", 4, max_tokens=1))
+    b = sim.add(dummy_request("b", 4, seed=1, max_tokens=9))
+    c = sim.add(dummy_request("c", 4, seed=2, max_tokens=9))
+    sim.step()  # prefill: a samples its only token and becomes padding
+    assert sim.sched.padding == [a] and a.is_finished
+    sim.abort("b")
+    assert "b" not in sim.kv.req_to_blocks and sim.sched.padding == [a]
+    sim.abort("c")  # the last running member: the batch is over
+    assert sim.sched.padding == [] and sim.kv.req_to_blocks == {}
+    assert b.status == c.status == RequestStatus.FINISHED_ABORTED
     check_drained(sim)
 
 

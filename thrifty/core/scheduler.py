@@ -7,7 +7,11 @@ Policies:
 - continuous (default): running requests first, then waiting ones are admitted while the
   token budget, `max_num_seqs` and free blocks allow; long prompts are chunked to fit.
 - static: a batch is admitted only when nothing runs, each request reserving blocks for its
-  whole prompt + max_tokens up front, and it runs to completion (the classic baseline).
+  whole prompt + max_tokens up front, and it runs to completion (the classic baseline). The
+  batch keeps its shape until its slowest member finishes, as a fixed batch tensor does in
+  transformers' `generate`: a member that finished early is returned at once, but it stays in
+  the batch as a padding row (its last position recomputed, nothing sampled) and keeps its
+  blocks until the whole batch is done.
 """
 
 from __future__ import annotations
@@ -41,21 +45,23 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     block_ids: list[int]
+    padding: bool = False  # a finished static-batch member: computed, never sampled
 
     @property
     def samples(self) -> bool:
         """Whether this step brings the request up to date, so its last position yields a token."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        return not self.padding and self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    padding: list[ScheduledRequest] = field(default_factory=list)  # static only: one row each
 
     @property
     def total_num_scheduled_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_new_tokens for s in self.scheduled) + len(self.padding)
 
     @property
     def is_empty(self) -> bool:
@@ -68,6 +74,7 @@ class Scheduler:
         self.kv = kv_cache_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.padding: list[Request] = []  # static: finished members of the running batch
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
@@ -80,16 +87,25 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
-        """Stop a request (abort, stop string) and free its blocks at once."""
+        """Stop a request (abort, stop string) and free its blocks, at once or, for a member of a
+        static batch that did not abort, when the whole batch is done."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        if request.status == RequestStatus.RUNNING:
+        was_running = request.status == RequestStatus.RUNNING
+        if was_running:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
         request.status = status
-        self.kv.free(request)
+        if was_running and self.config.policy == "static" and status != RequestStatus.FINISHED_ABORTED:
+            self.padding.append(request)
+        else:
+            self.kv.free(request)
+        if not self.running:
+            for member in self.padding:
+                self.kv.free(member)
+            self.padding.clear()
         return request
 
     # -- the step -----------------------------------------------------------------------
@@ -109,6 +125,8 @@ class Scheduler:
             out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
             i += 1
+        for request in self.padding[:budget]:
+            out.padding.append(ScheduledRequest(request, 1, self.kv.get_block_ids(request.request_id), True))
 
         if not static and not out.preempted:
             self._admit_waiting(out, budget)

@@ -109,7 +109,7 @@ class ModelRunner:
 
     # -- the step -------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
-        decodes = [s for s in out.scheduled if s.num_new_tokens == 1]
+        decodes = [s for s in out.scheduled if s.num_new_tokens == 1] + out.padding
         # Fresh prefills of equal length side by side, so they share one attention call.
         prefills = sorted((s for s in out.scheduled if s.num_new_tokens > 1),
                           key=lambda s: (s.request.num_computed_tokens > 0, s.num_new_tokens))
