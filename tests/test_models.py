@@ -123,6 +123,30 @@ def test_widened_bf16_linear_matches_the_bf16_gemm():
             assert ((got.double() - bf16.double()).abs() <= 2 * ulp).all()
 
 
+def test_packed_fp32_linear_serves_small_batches_and_matches():
+    """fp32 weights on CPU get a oneDNN-packed copy for batches of up to PACKED_MAX_ROWS rows; the
+    result agrees with the exact one to fp32 rounding, bias included; larger batches keep F.linear."""
+    from thrifty.layers.linear import PACKED_MAX_ROWS, Linear
+
+    torch.manual_seed(0)
+    layer = Linear(96, 200, bias=True)
+    layer.prepack()
+    if not torch.backends.mkldnn.is_available():
+        assert layer.packed is None
+        return
+    assert layer.packed is not None
+    for rows in (1, 7, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1):
+        x = torch.randn(rows, 96)
+        got = layer(x)
+        exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+        assert got.shape == (rows, 200) and torch.allclose(got.double(), exact, rtol=1e-5, atol=1e-5)
+        if rows > PACKED_MAX_ROWS:
+            assert torch.equal(got, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    bf16 = Linear(96, 200).to(torch.bfloat16)
+    bf16.prepack()
+    assert bf16.packed is None  # bf16 weights keep their own path
+
+
 def test_bf16_model_close_to_transformers_bf16(tmp_path):
     """bf16 end to end (the widened matmuls and decode attention on CPUs without native bf16):
     prefill logprobs stay within bf16 noise of transformers running the same weights in bf16."""

@@ -11,13 +11,15 @@ matches the bf16 GEMM up to summation order; it is rounded to bf16 once, at the 
 A batch of one to four rows (batch-1 decode) is bound by streaming the weights, not by FLOPs:
 there the bf16 GEMM reads half the bytes and wins, so it is kept.
 
-fp32 weights on CPU are handed to oneDNN once, at load, in its own blocked layout
-(`prepack`): torch's F.linear goes to MKL, whose small-batch GEMMs are slow on the AVX2 EPYC.
-With all 30 layers of the default model streamed from DRAM, the packed matmuls took
-31 ms against 47 at 1 row, 34 against 79-93 at 4, 57 against 93 at 16 and 181 against
-224-255 at 64; the 49152-row head 5.9 ms against 12.6 at 1 row. The results agree to fp32
-rounding (summation order). oneDNN packs bf16 only on CPUs with native bf16 support, where
-F.linear already reaches oneDNN, so bf16 weights stay as they are.
+fp32 weights on CPU also get a copy in oneDNN's blocked layout, made once at load (`prepack`):
+torch's F.linear goes to MKL, whose small-batch GEMMs are slow on the AVX2 EPYC. With all 30
+layers of the default model streamed from DRAM, the packed matmuls took 22.5 ms against 33-34
+at 1 row, 29 against 62 at 4, 52 against 71 at 16, 125 against 139-144 at 64, and the same at
+128; the 49152-row head 5.9 ms against 12.6 at 1 row. From 256 rows up (prefill) MKL is the
+faster one, by up to 1.36x, so batches of more than PACKED_MAX_ROWS rows keep F.linear. The two
+agree to fp32 rounding (summation order). The price is a second copy of the fp32 weights in
+memory. oneDNN packs bf16 only on CPUs with native bf16, where F.linear already reaches oneDNN,
+so bf16 weights are not packed.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from thrifty.config import cpu_has_native_bf16
 # widening the whole weight (1.6x at 8 rows, 1.4x at 64): the widened copy never leaves cache.
 UPCAST_MIN_ROWS = 5
 UPCAST_SLICE_ROWS = 1024
-# oneDNN picks its blocked layout for this many rows; measured faster than MKL at 1 to 128.
+# oneDNN picks its blocked layout for this many rows; the packed matmul serves batches of up to
+# PACKED_MAX_ROWS rows (decode steps), where it beat MKL.
 PACK_BATCH_HINT = 64
+PACKED_MAX_ROWS = 64
 
 
 def widen_for_matmul(t: torch.Tensor) -> bool:
@@ -79,13 +83,12 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None
 
     def prepack(self) -> None:
-        """Pack the weight for oneDNN if it takes it, and free the plain copy: the matmul reads
-        only the packed one. Call once, after the weights are loaded and on their device."""
+        """Add a oneDNN-packed copy of the weight if oneDNN takes it. Call once, after the
+        weights are loaded and on their device."""
         if self.packed is None and packs_for_onednn(self.weight):
             self.packed = pack_weight(self.weight)
-            self.weight.data = self.weight.data.new_empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packed is not None and x.shape[0] <= PACKED_MAX_ROWS:
             return packed_linear(x, self.packed, self.bias)
         return linear(x, self.weight, self.bias, widen_for_matmul(self.weight))

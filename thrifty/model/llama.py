@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from thrifty.layers.attention import AttentionMetadata, paged_attention, write_kv
-from thrifty.layers.linear import Linear, linear, pack_weight, packed_linear, packs_for_onednn, widen_for_matmul
+from thrifty.layers.linear import (PACKED_MAX_ROWS, Linear, linear, pack_weight, packed_linear, packs_for_onednn,
+                                   widen_for_matmul)
 from thrifty.layers.rotary import RotaryEmbedding, apply_rotary
 from thrifty.model.config import ModelArchConfig
 
@@ -112,14 +113,14 @@ class LlamaForCausalLM(nn.Module):
         x = self.norm(hidden)
         if self.lm_head is not None:
             return self.lm_head(x).float()
-        if self.tied_head_packed is not None:
+        if self.tied_head_packed is not None and x.shape[0] <= PACKED_MAX_ROWS:
             return packed_linear(x, self.tied_head_packed).float()
         weight = self.embed_tokens.weight
         return linear(x, weight, widen=widen_for_matmul(weight)).float()
 
     def prepack(self) -> None:
-        """Hand the matmul weights to oneDNN where it takes them (see layers/linear.py). A tied
-        head gets a packed copy: the embedding lookup still needs the plain table."""
+        """Add oneDNN-packed copies of the matmul weights where oneDNN takes them, for small
+        batches (see layers/linear.py); a tied head packs the embedding table."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack()
