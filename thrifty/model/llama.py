@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thrifty.layers.attention import AttentionMetadata, paged_attention, write_kv
-from thrifty.layers.linear import (PACKED_MAX_ROWS, Linear, linear, pack_weight, packed_linear, packs_for_onednn,
-                                   widen_for_matmul)
+from thrifty.layers.linear import Linear
 from thrifty.layers.rotary import RotaryEmbedding, apply_rotary
 from thrifty.model.config import ModelArchConfig
 
@@ -94,11 +93,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_len, cfg.rope_theta, cfg.rope_scaling)
-        if cfg.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tied_head_packed: torch.Tensor | None = None  # the embedding packed for the head
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # see tie_weights
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
@@ -110,22 +105,20 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self.norm(hidden)
-        if self.lm_head is not None:
-            return self.lm_head(x).float()
-        if self.tied_head_packed is not None and x.shape[0] <= PACKED_MAX_ROWS:
-            return packed_linear(x, self.tied_head_packed).float()
-        weight = self.embed_tokens.weight
-        return linear(x, weight, widen=widen_for_matmul(weight)).float()
+        return self.lm_head(self.norm(hidden)).float()
+
+    def tie_weights(self) -> None:
+        """A tied head reads the embedding table itself. Call once the parameters have real
+        storage: moving a meta model to a device makes new parameters and would untie them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def prepack(self) -> None:
         """Add oneDNN-packed copies of the matmul weights where oneDNN takes them, for small
-        batches (see layers/linear.py); a tied head packs the embedding table."""
+        batches (see layers/linear.py); a tied head packs its own copy of the embedding table."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack()
-        if self.lm_head is None and packs_for_onednn(self.embed_tokens.weight):
-            self.tied_head_packed = pack_weight(self.embed_tokens.weight)
 
     # -- weights ------------------------------------------------------------------------
     def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
@@ -145,7 +138,7 @@ class LlamaForCausalLM(nn.Module):
             name = hf_name.removeprefix("model.")
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # tied: the embedding serves as the head
             parts = name.split(".")
             if len(parts) >= 2 and parts[-2] in fused:

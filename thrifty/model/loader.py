@@ -97,6 +97,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, se
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, cfg.max_position_embeddings)
     model = model.to_empty(device="cpu")
+    model.tie_weights()
     model.rotary.build()  # its tables were only shapes on the meta device
     if source.kind == "dummy":
         _init_dummy(model, seed)
