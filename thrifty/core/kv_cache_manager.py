@@ -21,6 +21,11 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self._req_to_hashes: dict[str, list[BlockHash]] = {}
+        # Leading blocks of each request already registered in the prefix cache: each step
+        # registers only the blocks it fills, never rewalking a request's whole list.
+        self._num_cached_blocks: dict[str, int] = {}
+        # Blocks registered by the step being scheduled, whose KV that step has yet to compute.
+        self._step_cached_blocks: list[KVCacheBlock] = []
         # Prefix-cache statistics, in tokens (vLLM counts queries and hits in tokens).
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -93,18 +98,38 @@ class KVCacheManager:
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
         # Blocks that will be full of computed KV once this step runs; their hash is final.
+        # They are registered now, so that a request admitted later in the same step can hit
+        # them (each layer writes the whole step's KV before any token attends); should the step
+        # fail, uncache_step() takes the registrations back.
         hashes = self._block_hashes(request)
-        for i in range(min(num_tokens // self.block_size, len(hashes))):
-            self.pool.cache_block(blocks[i], hashes[i])
+        start = self._num_cached_blocks.get(request.request_id, 0)
+        end = min(num_tokens // self.block_size, len(hashes))
+        for i in range(start, end):
+            if self.pool.cache_block(blocks[i], hashes[i]):
+                self._step_cached_blocks.append(blocks[i])
+        self._num_cached_blocks[request.request_id] = max(start, end)
+
+    def begin_step(self) -> None:
+        """Called as a step is scheduled: the previous step's registrations are computed KV now."""
+        self._step_cached_blocks.clear()
+
+    def uncache_step(self) -> None:
+        """The step failed: no block it registered holds computed KV, so none may be hit."""
+        self.pool.uncache_blocks(self._step_cached_blocks)
+        self._step_cached_blocks.clear()
 
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.request_id, [])
         # Tail blocks are the least likely to be shared: evict them first.
         self.pool.free_blocks(reversed(blocks))
         self._req_to_hashes.pop(request.request_id, None)
+        self._num_cached_blocks.pop(request.request_id, None)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+
+    def num_blocks_of(self, request_id: str) -> int:
+        return len(self.req_to_blocks.get(request_id, ()))
 
     def num_allocated_slots(self) -> int:
         return sum(len(b) for b in self.req_to_blocks.values()) * self.block_size

@@ -20,8 +20,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from thrifty.core.block_pool import KVCacheBlock
 from thrifty.core.kv_cache_manager import KVCacheManager
 from thrifty.core.request import Request, RequestStatus
+from thrifty.sampling_params import SamplingParams
 
 
 @dataclass
@@ -42,9 +44,10 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledRequest:
+    """The scheduler's own record of a request it scheduled (the runner never reads it)."""
+
     request: Request
     num_new_tokens: int
-    block_ids: list[int]
     padding: bool = False  # a finished static-batch member: computed, never sampled
 
     @property
@@ -54,18 +57,62 @@ class ScheduledRequest:
 
 
 @dataclass
+class NewRequestData:
+    """A request the runner has not seen, or has forgotten (preempted): all it needs to run it."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens sampled before a preemption, to be recomputed
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: only what changed since its last step."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
 class SchedulerOutput:
+    # What the model runner reads: the changes since the last step (vLLM v1's shape).
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # by request id, in batch order
+    padding_req_ids: list[str] = field(default_factory=list)  # static: one row each, recomputed, not sampled
+    finished_req_ids: set[str] = field(default_factory=set)  # freed since the last step: forget them
+    preempted_req_ids: set[str] = field(default_factory=set)  # freed by this step: forget them
+    # What the scheduler and the engine keep for themselves.
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    padding: list[ScheduledRequest] = field(default_factory=list)  # static only: one row each
+    padding: list[ScheduledRequest] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled) + len(self.padding)
+        return sum(self.num_scheduled_tokens.values()) + len(self.padding_req_ids)
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    """A snapshot for metrics and benchmarks (vLLM's make_stats())."""
+
+    num_running_reqs: int
+    num_waiting_reqs: int
+    kv_cache_usage: float
+    kv_blocks_used: int
+    kv_slots_allocated: int  # slots held by running requests
+    kv_slots_used: int  # of those, slots holding a computed token
+    prefix_cache_queries: int  # cumulative, in tokens
+    prefix_cache_hits: int
+    num_preemptions: int  # cumulative
 
 
 class Scheduler:
@@ -77,6 +124,8 @@ class Scheduler:
         self.padding: list[Request] = []  # static: finished members of the running batch
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._sent: set[str] = set()  # requests the runner holds (sent as new, not freed since)
+        self._freed: set[str] = set()  # blocks freed since the last schedule(): the runner forgets them
 
     # -- queue management -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -85,6 +134,14 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """Stop a request (abort, stop string) and free its blocks, at once or, for a member of a
@@ -101,16 +158,23 @@ class Scheduler:
         if was_running and self.config.policy == "static" and status != RequestStatus.FINISHED_ABORTED:
             self.padding.append(request)
         else:
-            self.kv.free(request)
+            self._free(request)
         if not self.running:
             for member in self.padding:
-                self.kv.free(member)
+                self._free(member)
             self.padding.clear()
         return request
 
+    def _free(self, request: Request) -> None:
+        self.kv.free(request)
+        self._freed.add(request.request_id)
+        self._sent.discard(request.request_id)
+
     # -- the step -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(finished_req_ids=self._freed)
+        self._freed = set()
+        self.kv.begin_step()
         budget = self.config.max_num_batched_tokens
         static = self.config.policy == "static"
         if static and not self.running:
@@ -120,30 +184,35 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, out):
+            new_blocks = self._allocate_or_preempt(request, num_new, out)
+            if new_blocks is None:
                 break  # the request itself was preempted
-            out.scheduled.append(self._scheduled(request, num_new))
+            self._schedule(out, request, num_new, new_blocks)
             budget -= num_new
             i += 1
         for request in self.padding[:budget]:
-            out.padding.append(ScheduledRequest(request, 1, self.kv.get_block_ids(request.request_id), True))
+            out.padding.append(ScheduledRequest(request, 1, True))
+            out.padding_req_ids.append(request.request_id)
 
         if not static and not out.preempted:
             self._admit_waiting(out, budget)
         return out
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
-        while self.kv.allocate_slots(request, num_new) is None:
+    def _allocate_or_preempt(self, request: Request, num_new: int,
+                             out: SchedulerOutput) -> list[KVCacheBlock] | None:
+        while (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
             # Out of blocks: recompute the most recently admitted request later.
             victim = self.running.pop()
             self._preempt(victim)
             out.preempted.append(victim)
+            out.preempted_req_ids.add(victim.request_id)
             if victim is request:
-                return False
-        return True
+                return None
+        return new_blocks
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request)
+        self.kv.free(request)  # the runner learns of it through preempted_req_ids
+        self._sent.discard(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -159,11 +228,12 @@ class Scheduler:
                 continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
-            if self.kv.allocate_slots(request, num_new, hit_blocks) is None:
+            new_blocks = self.kv.allocate_slots(request, num_new, hit_blocks)
+            if new_blocks is None:
                 self.waiting.appendleft(request)
                 break
             self._start(request, num_hit)
-            out.scheduled.append(self._scheduled(request, num_new))
+            self._schedule(out, request, num_new, new_blocks)
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
 
@@ -192,8 +262,33 @@ class Scheduler:
             request.first_scheduled_time = time.monotonic()
         self.running.append(request)
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
-        return ScheduledRequest(request, num_new, self.kv.get_block_ids(request.request_id))
+    def _schedule(self, out: SchedulerOutput, request: Request, num_new: int,
+                  new_blocks: list[KVCacheBlock]) -> None:
+        rid = request.request_id
+        out.scheduled.append(ScheduledRequest(request, num_new))
+        out.num_scheduled_tokens[rid] = num_new
+        if rid not in self._sent:
+            self._sent.add(rid)
+            out.scheduled_new_reqs.append(NewRequestData(
+                rid, request.prompt_token_ids, list(request.output_token_ids), request.sampling_params,
+                self.kv.get_block_ids(rid), request.num_computed_tokens))
+        else:
+            out.scheduled_cached_reqs.append(CachedRequestData(
+                rid, [b.block_id for b in new_blocks], request.num_computed_tokens))
+
+    def make_stats(self) -> SchedulerStats:
+        kv = self.kv
+        return SchedulerStats(
+            num_running_reqs=self.num_running,
+            num_waiting_reqs=self.num_waiting,
+            kv_cache_usage=kv.usage(),
+            kv_blocks_used=kv.pool.num_used_blocks,
+            kv_slots_allocated=sum(kv.num_blocks_of(r.request_id) for r in self.running) * kv.block_size,
+            kv_slots_used=sum(r.num_computed_tokens for r in self.running),
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )
 
     # -- after the model ran ------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:

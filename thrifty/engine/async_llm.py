@@ -84,11 +84,11 @@ class AsyncLLM:
     @property
     def num_waiting(self) -> int:
         """Requests queued and not yet admitted (including adds not yet handed to the engine)."""
-        return len(self.engine.scheduler.waiting) + self._num_pending_adds
+        return self.engine.num_waiting_requests() + self._num_pending_adds
 
     @property
     def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
+        return self.engine.num_running_requests()
 
     # -- requests -----------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
@@ -177,10 +177,10 @@ class AsyncLLM:
                 start = time.monotonic()
                 self.cost.work_arrived(start)
                 try:
-                    outputs = await loop.run_in_executor(self._executor, engine.step)
+                    outputs, stats = await loop.run_in_executor(self._executor, engine.step_with_stats)
                 except StepFailed as e:
                     logger.exception("engine step failed; its requests get an error, the others go on")
-                    self.cost.step(time.monotonic(), engine.last_step_tokens)
+                    self.cost.step(time.monotonic(), e.stats.num_tokens_by_request)
                     for request_id in e.request_ids:
                         self.cost.forget(request_id, billed=False)
                         self._finish_stream(request_id, RuntimeError(f"the model step failed: {e.__cause__!r}"))
@@ -188,9 +188,9 @@ class AsyncLLM:
                             observe(request_id, "error")
                     continue
                 end = time.monotonic()
-                self.cost.step(end, engine.last_step_tokens)
+                self.cost.step(end, stats.num_tokens_by_request)
                 deltas = self._dispatch(outputs)
-                obs = StepObservation(end, sum(engine.last_step_tokens.values()), deltas)
+                obs = StepObservation(end, sum(stats.num_tokens_by_request.values()), deltas)
                 for observe in self.step_observers:
                     observe(obs)
                 await asyncio.sleep(0)  # let handlers run between steps

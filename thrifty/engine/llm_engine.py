@@ -11,7 +11,7 @@ import torch
 from thrifty.config import EngineConfig
 from thrifty.core.kv_cache_manager import KVCacheManager
 from thrifty.core.request import Request, RequestStatus
-from thrifty.core.scheduler import Scheduler, SchedulerConfig
+from thrifty.core.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 from thrifty.engine.detokenizer import IncrementalDetokenizer
 from thrifty.model.loader import load_model, load_tokenizer, resolve_model
 from thrifty.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -26,12 +26,20 @@ from thrifty.worker.model_runner import (
 PromptType = str | dict | list[int]
 
 
+@dataclass
+class IterationStats:
+    """What one step did, for the server's cost meter and metrics."""
+
+    num_tokens_by_request: dict[str, int]  # tokens computed, by request id (n > 1 siblings summed)
+
+
 class StepFailed(RuntimeError):
     """The model failed on one step; its requests were aborted, the engine is consistent."""
 
-    def __init__(self, request_ids: list[str], cause: Exception):
+    def __init__(self, request_ids: list[str], stats: IterationStats, cause: Exception):
         super().__init__(f"the model step failed ({cause!r}); aborted requests {request_ids}")
         self.request_ids = request_ids
+        self.stats = stats
 
 
 @dataclass
@@ -101,13 +109,13 @@ class LLMEngine:
                             config.scheduler_policy),
             self.kv_cache_manager,
         )
-        self.runner = ModelRunner(model, device, self.dtype, config.block_size, num_blocks, config.seed)
+        self.runner = ModelRunner(model, device, self.dtype, config.block_size, num_blocks, self.max_model_len,
+                                  config.max_num_seqs, config.seed, config.backend)
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         self.stats = EngineStats()
-        self.last_step_tokens: dict[str, int] = {}  # request id -> tokens computed in the last step
         self._states: dict[str, _RequestState] = {}
         self._seq_parent: dict[str, _RequestState] = {}
         self._ids = itertools.count()
@@ -186,24 +194,38 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def make_stats(self) -> SchedulerStats:
+        return self.scheduler.make_stats()
+
+    def num_waiting_requests(self) -> int:
+        return self.scheduler.num_waiting
+
+    def num_running_requests(self) -> int:
+        return self.scheduler.num_running
+
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        return self.step_with_stats()[0]
+
+    def step_with_stats(self) -> tuple[list[RequestOutput], IterationStats]:
         out = self.scheduler.schedule()
-        self.last_step_tokens = self._tokens_by_request(out)
+        stats = IterationStats(self._tokens_by_request(out))
         if out.is_empty:
-            return []
+            return [], stats
         try:
             sampled = self.runner.execute(out)
         except Exception as e:
-            # Only this step's requests are lost: free them so the engine can go on serving the rest.
-            failed = list(self.last_step_tokens)  # the step's requests, n > 1 siblings under one id
+            # Only this step's requests are lost: free them so the engine can go on serving the
+            # rest, and take back the prefix-cache entries of the KV the step never computed.
+            self.kv_cache_manager.uncache_step()
+            failed = list(stats.num_tokens_by_request)  # the step's requests, n > 1 siblings under one id
             for request_id in failed:
                 self.abort_request(request_id)
-            raise StepFailed(failed, e) from e
+            raise StepFailed(failed, stats, e) from e
         self._count_tokens(out, len(sampled))
         self.scheduler.update_from_output(out, {rid: t.token_id for rid, t in sampled.items()})
         now = time.monotonic()
-        self._record_kv_usage()
+        self._record_kv_usage(self.scheduler.make_stats())
         touched: dict[str, _RequestState] = {}
         for s in out.scheduled:
             req = s.request
@@ -216,7 +238,7 @@ class LLMEngine:
             if token is not None:
                 self._process_token(state, req, token, now)
                 touched[state.request_id] = state
-        return [self._make_output(state) for state in touched.values()]
+        return [self._make_output(state) for state in touched.values()], stats
 
     def _tokens_by_request(self, out) -> dict[str, int]:
         tokens: dict[str, int] = {}
@@ -256,8 +278,7 @@ class LLMEngine:
                 self._states.pop(state.request_id, None)
 
     def _forget(self, seq_id: str) -> None:
-        self.runner.free_request(seq_id)
-        self._seq_parent.pop(seq_id, None)
+        self._seq_parent.pop(seq_id, None)  # the runner forgets it once the scheduler frees it
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         outputs = [
@@ -279,9 +300,8 @@ class LLMEngine:
             st.num_prompt_tokens += max(0, min(prompt_left, s.num_new_tokens))
         st.num_generation_tokens += num_sampled
 
-    def _record_kv_usage(self) -> None:
-        st, kv = self.stats, self.kv_cache_manager
-        st.kv_blocks_peak = max(st.kv_blocks_peak, kv.pool.num_used_blocks)
-        running = self.scheduler.running
-        st.kv_slots_allocated += sum(len(kv.req_to_blocks.get(r.request_id, ())) for r in running) * kv.block_size
-        st.kv_slots_used += sum(r.num_computed_tokens for r in running)
+    def _record_kv_usage(self, sched: SchedulerStats) -> None:
+        st = self.stats
+        st.kv_blocks_peak = max(st.kv_blocks_peak, sched.kv_blocks_used)
+        st.kv_slots_allocated += sched.kv_slots_allocated
+        st.kv_slots_used += sched.kv_slots_used

@@ -35,23 +35,22 @@ class _EngineStateCollector:
         self.model_name = model_name
 
     def collect(self):
-        llm, engine = self.llm, self.llm.engine
-        kv = engine.kv_cache_manager
+        llm = self.llm
+        stats = llm.engine.make_stats()
         for name, doc, value in (
             ("vllm:num_requests_running", "Number of requests in model execution batches.", llm.num_running),
             ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", llm.num_waiting),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv.usage()),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", stats.kv_cache_usage),
         ):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
             g.add_metric([self.model_name], value)
             yield g
         for name, doc, value in (
-            ("vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
-             engine.scheduler.num_preemptions),
+            ("vllm:num_preemptions", "Cumulative number of preemptions from the engine.", stats.num_preemptions),
             ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
-             kv.prefix_cache_queries),
+             stats.prefix_cache_queries),
             ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-             kv.prefix_cache_hits),
+             stats.prefix_cache_hits),
         ):
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric([self.model_name], value)

@@ -34,6 +34,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: all available cores)")
     g.add_argument("--scheduler", default=d.scheduler_policy, choices=["continuous", "static"],
                    help="static: fixed batches run to completion (a baseline for benchmarks)")
+    g.add_argument("--backend", default=d.backend, choices=["auto", "native", "torch"],
+                   help="native: the C++ CPU kernels (built by make); torch: the pure-torch reference path; "
+                        "auto: native where it runs (CPU, library built), else torch")
 
 
 def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
@@ -42,7 +45,7 @@ def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
               gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, num_threads=args.num_threads,
-              scheduler_policy=args.scheduler)
+              scheduler_policy=args.scheduler, backend=args.backend)
     kw.update(overrides)
     return kw
 

@@ -1,9 +1,12 @@
-"""Attention over the paged KV cache, in plain torch (runs on CPU and CUDA).
+"""Attention over the paged KV cache in plain torch: the reference path (and the CUDA path).
 
-Each layer's cache is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim].
-A step's tokens are flat: the decode tokens (one per request) come first, then the tokens of
-requests computing more than one (prefill chunks). The step writes its new K/V into their slots,
-then:
+The cache layout is the native kernels' (csrc/cpu/attention.h), so either path can run over the
+same cache. Per layer:
+- K: [num_blocks, num_kv_heads, head_dim, block_size]  (each block's keys transposed)
+- V: [num_blocks, num_kv_heads, block_size, head_dim]
+The runner reserves one extra block, the null block, that pads block tables and is never handed
+out. A step's tokens are flat: the sequences computing one token (decodes) come first, then the
+ones computing several (prefill chunks). The step writes its new K/V into their slots, then:
 - decodes: one batched call over the requests' gathered blocks, with a padding mask;
 - prefills with nothing cached: over their own new K/V, one causal call per group of equal length;
 - other prefill chunks: one call per request over its cached context, causal within the new tokens.
@@ -50,21 +53,62 @@ class AttentionMetadata:
     fresh_prefills: list[FreshPrefillGroup]
     prefills: list[PrefillSeq]
 
+    @classmethod
+    def build(cls, q_lens: list[int], seq_lens: list[int], block_table: torch.Tensor, positions: torch.Tensor,
+              block_size: int) -> AttentionMetadata:
+        """From a step's sequences (decodes first): new tokens, tokens cached after the step, and
+        their block-table rows (padded with the null block)."""
+        dev = block_table.device
+        bs = block_size
+        seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens), device=dev),
+                                               torch.tensor(q_lens, device=dev))
+        slot_mapping = block_table[seq_of_token, positions // bs].long() * bs + positions % bs
+        nd = 0
+        while nd < len(q_lens) and q_lens[nd] == 1:
+            nd += 1
+        block_tables = mask = None
+        if nd:
+            max_blocks = -(-max(seq_lens[:nd]) // bs)
+            block_tables = block_table[:nd, :max_blocks].long()
+            lens = torch.tensor(seq_lens[:nd], device=dev)
+            mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        fresh: list[FreshPrefillGroup] = []
+        seqs: list[PrefillSeq] = []
+        start = nd
+        for i in range(nd, len(q_lens)):
+            n, ctx = q_lens[i], seq_lens[i]
+            if n == ctx:
+                last = fresh[-1] if fresh else None
+                if last is not None and last.query_len == n and last.query_start + last.num_seqs * n == start:
+                    last.num_seqs += 1
+                else:
+                    fresh.append(FreshPrefillGroup(start, 1, n))
+            else:  # a cached prefix or an earlier chunk: causal, offset by the cached tokens
+                q_pos = torch.arange(ctx - n, ctx, device=dev)[:, None]
+                causal = torch.arange(ctx, device=dev)[None, :] <= q_pos
+                seqs.append(PrefillSeq(start, n, block_table[i, : -(-ctx // bs)].long(), ctx, causal))
+            start += n
+        return cls(slot_mapping, nd, block_tables, mask, fresh, seqs)
+
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
-    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
+    """k, v: [num_tokens, num_kv_heads, head_dim] into their slots."""
+    bs = k_cache.shape[-1]
+    blocks, offsets = slot_mapping // bs, slot_mapping % bs
+    k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = v.to(v_cache.dtype)
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """Blocks -> [..., num_kv_heads, tokens, head_dim]: a request's context, contiguous per block.
-    index_select over whole flattened blocks is a few times faster than advanced indexing."""
-    nb, bs, h, d = cache.shape
-    rows = cache.view(nb, bs * h * d).index_select(0, block_ids.reshape(-1))
-    return rows.view(*block_ids.shape[:-1], block_ids.shape[-1] * bs, h, d).transpose(-3, -2)
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks' keys and values as [..., num_kv_heads, tokens, head_dim] (block_ids [..., n])."""
+    lead = block_ids.dim() - 1  # batch dims before the block dim
+    k = k_cache[block_ids].transpose(-1, -2)  # [..., n, H, bs, D]
+    v = v_cache[block_ids]
+    def merge(t: torch.Tensor) -> torch.Tensor:
+        t = t.movedim(lead, lead + 1)  # [..., H, n, bs, D]
+        return t.reshape(*t.shape[: lead + 1], -1, t.shape[-1])
+    return merge(k), merge(v)
 
 
 def _sdpa(q, k, v, **kw):
@@ -77,8 +121,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        kd = _gather(k_cache, meta.decode_block_tables)  # [B, Hkv, L, D]
-        vd = _gather(v_cache, meta.decode_block_tables)
+        kd, vd = gather_kv(k_cache, v_cache, meta.decode_block_tables)  # [B, Hkv, L, D]
         qd = q[:nd].unsqueeze(2)
         if widen_for_matmul(qd):
             # Emulated bf16 makes one-token attention 3.6x slower than fp32 (64 requests x 256
@@ -93,9 +136,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         vf = v[start:end].view(n, L, *v.shape[1:]).transpose(1, 2)
         out[start:end] = _sdpa(qf, kf, vf, is_causal=True, scale=scale).transpose(1, 2).reshape(end - start, *q.shape[1:])
     for p in meta.prefills:
-        kp = _gather(k_cache, p.block_ids)[:, : p.context_len]  # [Hkv, L, D]
-        vp = _gather(v_cache, p.block_ids)[:, : p.context_len]
+        kp, vp = gather_kv(k_cache, v_cache, p.block_ids)  # [Hkv, L, D]
         qp = q[p.query_start: p.query_start + p.query_len].transpose(0, 1)  # [Hq, Lq, D]
-        o = _sdpa(qp, kp, vp, attn_mask=p.mask, scale=scale)
+        o = _sdpa(qp, kp[:, : p.context_len], vp[:, : p.context_len], attn_mask=p.mask, scale=scale)
         out[p.query_start: p.query_start + p.query_len] = o.transpose(0, 1)
     return out

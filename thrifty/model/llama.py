@@ -113,6 +113,17 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def release_weights(self) -> None:
+        """Drop the matmul weights and embeddings once another copy serves them (the native
+        model packs its own); the module can no longer run its forward."""
+        empty = torch.empty(0, dtype=self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device)
+        for module in self.modules():
+            if isinstance(module, (Linear, nn.Embedding)):
+                module.weight = nn.Parameter(empty, requires_grad=False)
+                if isinstance(module, Linear):
+                    module.packed = None
+        self.weights_released = True
+
     def prepack(self) -> None:
         """Add oneDNN-packed copies of the matmul weights where oneDNN takes them, for small
         batches (see layers/linear.py); a tied head packs its own copy of the embedding table."""

@@ -103,9 +103,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, se
         _init_dummy(model, seed)
     else:
         model.load_hf_state_dict(weights if weights is not None else _read_safetensors(Path(source.path)))
-    model = model.to(device=device, dtype=dtype).eval()
-    model.prepack()
-    return model
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

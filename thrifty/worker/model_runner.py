@@ -1,19 +1,29 @@
-"""ModelRunner: owns the weights and the KV cache; turns a SchedulerOutput into one flat batch,
-runs the model and samples the next token of every request that caught up."""
+"""ModelRunner: owns the weights and the KV cache; keeps each request's state between steps
+(tokens, block-table row, sampling generator) and updates it from what each SchedulerOutput says
+changed; turns the step into one flat batch, runs the model, samples.
+
+Two backends run the same step over the same cache:
+- "native": the C++ kernels (csrc/cpu), the whole forward in one call (CPU);
+- "torch": the pure-torch reference (thrifty/model/llama.py), on CPU or CUDA.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from thrifty.core.kv_cache_manager import cdiv
-from thrifty.core.scheduler import ScheduledRequest, SchedulerOutput
-from thrifty.layers.attention import AttentionMetadata, FreshPrefillGroup, PrefillSeq
+from thrifty.core.scheduler import SchedulerOutput
+from thrifty.layers.attention import AttentionMetadata
 from thrifty.layers.sampler import Sampler, SamplingInput
 from thrifty.model.llama import LlamaForCausalLM
+from thrifty.sampling_params import SamplingParams
 
 GiB = 1 << 30
+BACKENDS = ("auto", "native", "torch")
+logger = logging.getLogger("thrifty")
 
 
 @dataclass
@@ -21,6 +31,46 @@ class SampledToken:
     token_id: int
     logprob: float
     top_logprobs: list[tuple[int, float]] | None
+
+
+@dataclass
+class CachedRequestState:
+    """What the runner keeps of a request between steps."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    row: int  # the request's row in the persistent block table
+    num_blocks: int
+    num_computed_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_at(self, index: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+
+@dataclass
+class StepBatch:
+    """One step as one flat batch: sequences computing one token first, then prefill chunks."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32: tokens cached after the step
+    block_table: torch.Tensor  # [num_seqs, max_blocks] int32, padded with the null block
+    logits_indices: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled
+    q_lens: list[int]
+    seq_lens_list: list[int]
 
 
 def num_kv_blocks(model: LlamaForCausalLM, dtype: torch.dtype, block_size: int, budget_bytes: int) -> int:
@@ -38,113 +88,159 @@ def kv_budget_bytes(device: torch.device, kv_cache_memory: float | None, utiliza
     return 2 * GiB
 
 
+def resolve_backend(backend: str, model: LlamaForCausalLM, dtype: torch.dtype, device: torch.device,
+                    block_size: int) -> str:
+    """"native" where the kernels are built and take this model, else "torch" (said in the log)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
+        return "torch"
+    from thrifty import native
+    from thrifty.native.model import native_unsupported_reason
+
+    reason = native_unsupported_reason(model, dtype, device, block_size)
+    if reason is None and not native.load():
+        reason = "the library is unavailable (see the log line above)"
+    if reason is None:
+        return "native"
+    if backend == "native":
+        raise ValueError(f"backend 'native' cannot run this model: {reason}")
+    logger.warning("thrifty: the native CPU kernels do not run this model (%s); using the pure-torch path", reason)
+    return "torch"
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
-                 block_size: int, num_blocks: int, seed: int = 0):
+    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, block_size: int,
+                 num_blocks: int, max_model_len: int, max_num_reqs: int, seed: int = 0, backend: str = "auto"):
         self.model = model
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.backend = resolve_backend(backend, model, dtype, device, block_size)
         cfg = model.config
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        # Zeroed, not empty: padded slots of a block are read (with zero weight) by attention,
-        # and 0 * NaN garbage would poison the output.
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_hidden_layers)
-        ]
+        # One block more than the pool hands out: the null block pads block tables.
+        self.null_block = num_blocks
+        k_shape = (num_blocks + 1, cfg.num_key_value_heads, cfg.head_dim, block_size)
+        v_shape = (num_blocks + 1, cfg.num_key_value_heads, block_size, cfg.head_dim)
+        # Zeroed, not empty: slots past a sequence's end are read (with zero weight) by the
+        # reference attention, and 0 * NaN garbage would poison the output.
+        self.k_caches = [torch.zeros(k_shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v_caches = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        # Block tables of every request the runner holds, one row each, updated as blocks come.
+        self.block_table = torch.full((max_num_reqs, cdiv(max_model_len, block_size)), self.null_block,
+                                      dtype=torch.int32)
+        self.free_rows = list(range(max_num_reqs - 1, -1, -1))
+        self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler(seed)
+        # Seeded requests' generators outlive a preemption: a resumed request goes on sampling
+        # from where its stream was, so its output does not depend on being preempted.
         self.generators: dict[str, torch.Generator] = {}
+        if self.backend == "native":
+            from thrifty.native.model import build_native_model
 
-    # -- batch preparation ----------------------------------------------------------------
-    def _prepare(self, scheduled: list[ScheduledRequest]):
-        bs = self.block_size
+            self.native = build_native_model(model, block_size, self.k_caches, self.v_caches)
+        else:
+            model.prepack()
+
+    # -- request states ---------------------------------------------------------------------
+    def _update_states(self, out: SchedulerOutput) -> None:
+        for req_id in out.finished_req_ids:
+            self._remove(req_id)
+            self.generators.pop(req_id, None)
+        for req_id in out.preempted_req_ids:
+            self._remove(req_id)
+        for new in out.scheduled_new_reqs:
+            self._remove(new.req_id)
+            row = self._take_row()
+            self.block_table[row].fill_(self.null_block)
+            self.block_table[row, : len(new.block_ids)] = torch.tensor(new.block_ids, dtype=torch.int32)
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id, new.prompt_token_ids, list(new.output_token_ids), new.sampling_params, row,
+                len(new.block_ids), new.num_computed_tokens)
+            seed = new.sampling_params.seed
+            if seed is not None and new.req_id not in self.generators:
+                self.generators[new.req_id] = torch.Generator(device=self.device).manual_seed(seed)
+        for cached in out.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.num_computed_tokens = cached.num_computed_tokens
+            if cached.new_block_ids:
+                n = state.num_blocks
+                self.block_table[state.row, n: n + len(cached.new_block_ids)] = torch.tensor(
+                    cached.new_block_ids, dtype=torch.int32)
+                state.num_blocks += len(cached.new_block_ids)
+
+    def _take_row(self) -> int:
+        if not self.free_rows:  # more requests at once than max_num_seqs (padding rows): grow
+            old = self.block_table.shape[0]
+            self.block_table = torch.cat([self.block_table, torch.full_like(self.block_table, self.null_block)])
+            self.free_rows = list(range(2 * old - 1, old - 1, -1))
+        return self.free_rows.pop()
+
+    def _remove(self, req_id: str) -> None:
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            self.free_rows.append(state.row)
+
+    # -- the step -----------------------------------------------------------------------------
+    def _prepare(self, out: SchedulerOutput) -> tuple[StepBatch, list[CachedRequestState]]:
+        seqs: list[tuple[CachedRequestState, int, int]] = []  # state, first position, new tokens
+        for req_id, n in out.num_scheduled_tokens.items():
+            state = self.requests[req_id]
+            seqs.append((state, state.num_computed_tokens, n))
+        for req_id in out.padding_req_ids:  # a finished static member recomputes its last position
+            state = self.requests[req_id]
+            seqs.append((state, state.num_tokens - 1, 1))
+        # One-token sequences first; fresh prefills of equal length side by side (the torch
+        # path runs them as one attention call).
+        seqs.sort(key=lambda s: (s[2] > 1, s[1] > 0, s[2]))
         ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for s in scheduled:
-            start = s.request.num_computed_tokens
-            end = start + s.num_new_tokens
-            if s.num_new_tokens == 1:
-                ids.append(s.request.token_at(start))
-            else:
-                ids.extend(s.request.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(s.block_ids[p // bs] * bs + p % bs for p in range(start, end))
-        to = dict(device=self.device, dtype=torch.long)
-        return torch.tensor(ids, **to), torch.tensor(positions, **to), torch.tensor(slots, **to)
+        q_lens, seq_lens, rows, logits_indices = [], [], [], []
+        sampled: list[CachedRequestState] = []
+        padding = set(out.padding_req_ids)
+        for state, start, n in seqs:
+            ids.extend([state.token_at(start)] if n == 1 else state.tokens(start, start + n))
+            q_lens.append(n)
+            seq_lens.append(start + n)
+            rows.append(state.row)
+            if start + n == state.num_tokens and state.req_id not in padding:
+                logits_indices.append(len(ids) - 1)
+                sampled.append(state)
+        max_blocks = cdiv(max(seq_lens), self.block_size)
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+        batch = StepBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_table=self.block_table[torch.tensor(rows), :max_blocks],
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+            q_lens=q_lens, seq_lens_list=seq_lens)
+        return batch, sampled
 
-    def _attention_metadata(self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest],
-                            slot_mapping: torch.Tensor) -> AttentionMetadata:
-        bs, dev = self.block_size, self.device
-        block_tables = mask = None
-        if decodes:
-            ctx = [s.request.num_computed_tokens + 1 for s in decodes]
-            max_blocks = cdiv(max(ctx), bs)
-            table = [s.block_ids[:max_blocks] + [0] * (max_blocks - min(len(s.block_ids), max_blocks))
-                     for s in decodes]
-            block_tables = torch.tensor(table, dtype=torch.long, device=dev)
-            lens = torch.tensor(ctx, device=dev)
-            mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < lens[:, None])[:, None, None, :]
-        fresh, seqs = [], []
-        start = len(decodes)
-        for s in prefills:
-            done = s.request.num_computed_tokens
-            n = s.num_new_tokens
-            if done == 0:
-                last = fresh[-1] if fresh else None
-                if last is not None and last.query_len == n and last.query_start + last.num_seqs * n == start:
-                    last.num_seqs += 1
-                else:
-                    fresh.append(FreshPrefillGroup(start, 1, n))
-            else:  # a cached prefix or an earlier chunk: causal, offset by `done`
-                ctx = done + n
-                q_pos = torch.arange(done, ctx, device=dev)[:, None]
-                causal = torch.arange(ctx, device=dev)[None, :] <= q_pos
-                blocks = torch.tensor(s.block_ids[: cdiv(ctx, bs)], dtype=torch.long, device=dev)
-                seqs.append(PrefillSeq(start, n, blocks, ctx, causal))
-            start += n
-        return AttentionMetadata(slot_mapping, len(decodes), block_tables, mask, fresh, seqs)
+    def _logits(self, batch: StepBatch) -> torch.Tensor:
+        if self.backend == "native":
+            return self.native.forward(batch.input_ids, batch.query_start_loc, batch.seq_lens, batch.block_table,
+                                       batch.logits_indices)
+        dev = self.device
+        positions = torch.cat([torch.arange(s - n, s) for n, s in zip(batch.q_lens, batch.seq_lens_list)]).to(dev)
+        meta = AttentionMetadata.build(batch.q_lens, batch.seq_lens_list, batch.block_table.to(dev), positions,
+                                       self.block_size)
+        hidden = self.model(batch.input_ids.to(dev), positions, list(zip(self.k_caches, self.v_caches)), meta)
+        return self.model.compute_logits(hidden[batch.logits_indices.to(dev)])
 
-    # -- the step -------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
-        decodes = [s for s in out.scheduled if s.num_new_tokens == 1] + out.padding
-        # Fresh prefills of equal length side by side, so they share one attention call.
-        prefills = sorted((s for s in out.scheduled if s.num_new_tokens > 1),
-                          key=lambda s: (s.request.num_computed_tokens > 0, s.num_new_tokens))
-        batch = decodes + prefills
-        input_ids, positions, slot_mapping = self._prepare(batch)
-        meta = self._attention_metadata(decodes, prefills, slot_mapping)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-
-        rows, sampling = [], []
-        offset = 0
-        for s in batch:
-            offset += s.num_new_tokens
-            if s.samples:
-                rows.append(offset - 1)
-                sampling.append(s)
-        if not sampling:
+        self._update_states(out)
+        batch, sampled = self._prepare(out)
+        logits = self._logits(batch)
+        if not sampled:
             return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        inputs = [SamplingInput(s.request.sampling_params, s.request.prompt_token_ids,
-                                s.request.output_token_ids, self._generator(s.request)) for s in sampling]
+        inputs = [SamplingInput(s.sampling_params, s.prompt_token_ids, s.output_token_ids,
+                                self.generators.get(s.req_id)) for s in sampled]
         result = self.sampler(logits, inputs)
-        return {
-            s.request.request_id: SampledToken(result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
-            for i, s in enumerate(sampling)
-        }
-
-    def _generator(self, request) -> torch.Generator | None:
-        seed = request.sampling_params.seed
-        if seed is None:
-            return None
-        gen = self.generators.get(request.request_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            self.generators[request.request_id] = gen
-        return gen
-
-    def free_request(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
+        tokens = {}
+        for i, state in enumerate(sampled):
+            state.output_token_ids.append(result.token_ids[i])
+            tokens[state.req_id] = SampledToken(result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+        return tokens

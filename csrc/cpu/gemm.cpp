@@ -1,0 +1,284 @@
+// Packed-weight matmuls. One tile computes MR rows x NR panels (16 columns each) over all of K
+// in registers, then adds the bias and stores. Three inner kernels, by element type and CPU:
+//   bf16 weights with AVX512-BF16: vdpbf16ps on pairs of k, the activation pair broadcast;
+//   bf16 weights elsewhere: each pair widened to two fp32 vectors (a shift and a mask), fp32 FMA;
+//   fp32 weights: fp32 FMA.
+// At one row a matmul is bound by streaming the weights from memory, so a thread walks its
+// panels front to back; at many rows it is bound by the FMA units, and row blocks are sized so
+// that a block of x stays in L2 while the thread's panels pass over it.
+#include "gemm.h"
+
+#include <cstring>
+
+namespace thrifty {
+namespace {
+
+constexpr int S = int(kPanel) / FVec::N;  // vectors per panel
+constexpr int MR = 4;                     // rows per tile
+constexpr int NR = 4;                     // panels per tile
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Reads FVec::N pairs (k even, k odd for each of N outputs) as two float vectors.
+inline void load_pairs(const bf16* p, FVec& even, FVec& odd) {
+#if defined(THRIFTY_AVX512)
+  __m512i raw = _mm512_loadu_si512(p);
+  even = FVec(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)));
+  odd = FVec(_mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int(0xffff0000u)))));
+#elif defined(THRIFTY_AVX2)
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = FVec(_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)));
+  odd = FVec(_mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(int(0xffff0000u)))));
+#else
+  for (int i = 0; i < FVec::N; ++i) {
+    even.v[i] = bf16_to_float(p[2 * i]);
+    odd.v[i] = bf16_to_float(p[2 * i + 1]);
+  }
+#endif
+}
+
+template <typename T, typename TOut>
+struct Tile {
+  const T* x;  // the tile's first row
+  int64_t ldx;
+  const T* w;  // the tile's first panel
+  int64_t pstride;  // elements from one panel to the next
+  int64_t K;
+  const float* bias;  // at the tile's first column, or null
+  TOut* y;  // the tile's first output
+  int64_t ldy;
+  int64_t n_valid;  // columns of the tile inside the matrix
+  bool round_bf16;
+};
+
+template <int M, int P, typename T, typename TOut>
+inline void store_tile(FVec (&acc)[M][P][S], const Tile<T, TOut>& t) {
+  for (int m = 0; m < M; ++m) {
+    for (int j = 0; j < P; ++j) {
+      for (int s = 0; s < S; ++s) {
+        const int64_t col = j * kPanel + s * FVec::N;
+        if (col >= t.n_valid) continue;
+        FVec v = acc[m][j][s];
+        if (t.bias != nullptr) {
+          if (col + FVec::N <= t.n_valid) {
+            v = v + FVec::load(t.bias + col);
+          } else {
+            float b[FVec::N] = {};
+            std::memcpy(b, t.bias + col, sizeof(float) * (t.n_valid - col));
+            v = v + FVec::load(b);
+          }
+        }
+        if (t.round_bf16) v = v.round_bf16();
+        TOut* out = t.y + m * t.ldy + col;
+        if (col + FVec::N <= t.n_valid) {
+          v.store(out);
+        } else {
+          float tmp[FVec::N];
+          v.store(tmp);
+          for (int64_t i = 0; i < t.n_valid - col; ++i) store_scalar(out + i, tmp[i]);
+        }
+      }
+    }
+  }
+}
+
+template <int M, int P>
+struct KernelF32 {
+  template <typename TOut>
+  static void run(const Tile<float, TOut>& t) {
+    FVec acc[M][P][S];
+    for (auto& row : acc) for (auto& panel : row) for (auto& v : panel) v = FVec::zero();
+    for (int64_t k = 0; k < t.K; ++k) {
+      FVec w[P][S];
+      for (int j = 0; j < P; ++j)
+        for (int s = 0; s < S; ++s) w[j][s] = FVec::load(t.w + j * t.pstride + k * kPanel + s * FVec::N);
+      for (int m = 0; m < M; ++m) {
+        const FVec b(t.x[m * t.ldx + k]);
+        for (int j = 0; j < P; ++j)
+          for (int s = 0; s < S; ++s) acc[m][j][s] = FVec::fma(b, w[j][s], acc[m][j][s]);
+      }
+    }
+    store_tile<M, P>(acc, t);
+  }
+};
+
+template <int M, int P>
+struct KernelBf16Widen {
+  template <typename TOut>
+  static void run(const Tile<bf16, TOut>& t) {
+    FVec acc[M][P][S];
+    for (auto& row : acc) for (auto& panel : row) for (auto& v : panel) v = FVec::zero();
+    for (int64_t p = 0; p < t.K / 2; ++p) {
+      FVec even[P][S], odd[P][S];
+      for (int j = 0; j < P; ++j)
+        for (int s = 0; s < S; ++s)
+          load_pairs(t.w + j * t.pstride + p * 2 * kPanel + s * 2 * FVec::N, even[j][s], odd[j][s]);
+      for (int m = 0; m < M; ++m) {
+        const FVec b0(bf16_to_float(t.x[m * t.ldx + 2 * p]));
+        const FVec b1(bf16_to_float(t.x[m * t.ldx + 2 * p + 1]));
+        for (int j = 0; j < P; ++j)
+          for (int s = 0; s < S; ++s)
+            acc[m][j][s] = FVec::fma(b1, odd[j][s], FVec::fma(b0, even[j][s], acc[m][j][s]));
+      }
+    }
+    store_tile<M, P>(acc, t);
+  }
+};
+
+#if defined(THRIFTY_AVX512BF16)
+template <int M, int P>
+struct KernelBf16Dot {
+  template <typename TOut>
+  static void run(const Tile<bf16, TOut>& t) {
+    __m512 acc[M][P];
+    for (auto& row : acc) for (auto& v : row) v = _mm512_setzero_ps();
+    for (int64_t p = 0; p < t.K / 2; ++p) {
+      __m512i w[P];
+      for (int j = 0; j < P; ++j) w[j] = _mm512_loadu_si512(t.w + j * t.pstride + p * 2 * kPanel);
+      for (int m = 0; m < M; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, t.x + m * t.ldx + 2 * p, sizeof(pair));
+        const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
+        for (int j = 0; j < P; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], b, (__m512bh)w[j]);
+      }
+    }
+    FVec out[M][P][S];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < P; ++j) out[m][j][0] = FVec(acc[m][j]);
+    store_tile<M, P>(out, t);
+  }
+};
+template <int M, int P>
+using KernelBf16 = KernelBf16Dot<M, P>;
+#else
+template <int M, int P>
+using KernelBf16 = KernelBf16Widen<M, P>;
+#endif
+
+template <typename T, typename TOut>
+using TileFn = void (*)(const Tile<T, TOut>&);
+
+template <template <int, int> class Kernel, int M, typename T, typename TOut>
+TileFn<T, TOut> pick_panels(int64_t panels) {
+  switch (panels) {
+    case 1: return &Kernel<M, 1>::template run<TOut>;
+    case 2: return &Kernel<M, 2>::template run<TOut>;
+    case 3: return &Kernel<M, 3>::template run<TOut>;
+    default: return &Kernel<M, NR>::template run<TOut>;
+  }
+}
+
+template <template <int, int> class Kernel, typename T, typename TOut>
+TileFn<T, TOut> pick(int64_t rows, int64_t panels) {
+  switch (rows) {
+    case 1: return pick_panels<Kernel, 1, T, TOut>(panels);
+    case 2: return pick_panels<Kernel, 2, T, TOut>(panels);
+    case 3: return pick_panels<Kernel, 3, T, TOut>(panels);
+    default: return pick_panels<Kernel, MR, T, TOut>(panels);
+  }
+}
+
+template <template <int, int> class Kernel, typename T, typename TOut>
+void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
+               bool round_bf16) {
+  const int64_t panels = w.num_panels();
+  const int64_t pstride = w.K * kPanel;  // bf16: K/2 pairs x 32; fp32: K x 16
+  const T* wdata = reinterpret_cast<const T*>(w.data.data_ptr());
+  const float* bias = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
+  // Row blocks whose x (about 128 KiB) stays in L2 while the panels of a chunk pass over it.
+  const int64_t block_rows = std::max<int64_t>(MR, (int64_t(128) << 10) / (w.K * int64_t(sizeof(T))) / MR * MR);
+  const int64_t mb = M <= 64 ? M : std::min(M, block_rows);
+  const int64_t row_blocks = cdiv(M, mb);
+  // About four units of work per thread, each a run of whole tiles of panels.
+  const int64_t chunks = std::min(cdiv(panels, NR), std::max<int64_t>(1, cdiv(4 * team.nth, row_blocks)));
+  const int64_t chunk_panels = cdiv(cdiv(panels, chunks), NR) * NR;
+  const int64_t num_chunks = cdiv(panels, chunk_panels);
+  team.for_each(row_blocks * num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t m0 = unit / num_chunks * mb, m1 = std::min(M, m0 + mb);
+      const int64_t p0 = unit % num_chunks * chunk_panels, p1 = std::min(panels, p0 + chunk_panels);
+      for (int64_t p = p0; p < p1; p += NR) {
+        const int64_t np = std::min<int64_t>(NR, p1 - p);
+        for (int64_t m = m0; m < m1; m += MR) {
+          const int64_t nm = std::min<int64_t>(MR, m1 - m);
+          Tile<T, TOut> tile{x + m * ldx, ldx, wdata + p * pstride, pstride, w.K,
+                             bias ? bias + p * kPanel : nullptr, y + m * ldy + p * kPanel, ldy,
+                             std::min(np * kPanel, w.N - p * kPanel), round_bf16};
+          pick<Kernel, T, TOut>(nm, np)(tile);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor pack_linear_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "pack_linear_weight: expected a 2-D [N, K] weight");
+  TORCH_CHECK(weight.device().is_cpu(), "pack_linear_weight: expected a CPU tensor");
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "pack_linear_weight: fp32 or bf16 weights only");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t panels = cdiv(N, kPanel);
+  at::Tensor padded = at::zeros({panels * kPanel, K}, weight.options());
+  padded.narrow(0, 0, N).copy_(weight);
+  if (dtype == at::kBFloat16) {
+    TORCH_CHECK(K % 2 == 0, "pack_linear_weight: bf16 weights need an even input size, got ", K);
+    // [panels, 16, K/2, 2] -> [panels, K/2, 16, 2]
+    return padded.view({panels, kPanel, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+  }
+  return padded.view({panels, kPanel, K}).permute({0, 2, 1}).contiguous();  // [panels, K, 16]
+}
+
+PackedLinear make_packed_linear(const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N,
+                                int64_t K) {
+  TORCH_CHECK(packed.is_contiguous() && packed.numel() == cdiv(N, kPanel) * kPanel * K,
+              "packed weight does not match its shape [", N, ", ", K, "]");
+  PackedLinear w;
+  w.data = packed;
+  w.N = N;
+  w.K = K;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " elements, expected ", N);
+    w.bias = bias->to(at::kFloat).contiguous();
+  }
+  return w;
+}
+
+template <typename T, typename TOut>
+void linear(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
+            bool round_bf16) {
+  if constexpr (std::is_same_v<T, float>) {
+    run_tiles<KernelF32>(team, x, M, ldx, w, y, ldy, round_bf16);
+  } else {
+    run_tiles<KernelBf16>(team, x, M, ldx, w, y, ldy, round_bf16);
+  }
+}
+
+template void linear<float, float>(Team&, const float*, int64_t, int64_t, const PackedLinear&, float*, int64_t, bool);
+template void linear<bf16, bf16>(Team&, const bf16*, int64_t, int64_t, const PackedLinear&, bf16*, int64_t, bool);
+template void linear<bf16, float>(Team&, const bf16*, int64_t, int64_t, const PackedLinear&, float*, int64_t, bool);
+
+template <typename T>
+void gather_rows(Team& team, const PackedLinear& w, const int64_t* ids, int64_t num_ids, T* out) {
+  const T* data = reinterpret_cast<const T*>(w.data.data_ptr());
+  const int64_t K = w.K;
+  team.for_each(num_ids, team.chunk_for(num_ids), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = ids[t];
+      const T* panel = data + n / kPanel * K * kPanel;
+      const int64_t lane = n % kPanel;
+      T* row = out + t * K;
+      if constexpr (std::is_same_v<T, bf16>) {
+        for (int64_t k = 0; k < K; ++k) row[k] = panel[(k / 2) * 2 * kPanel + lane * 2 + k % 2];
+      } else {
+        for (int64_t k = 0; k < K; ++k) row[k] = panel[k * kPanel + lane];
+      }
+    }
+  });
+}
+
+template void gather_rows<float>(Team&, const PackedLinear&, const int64_t*, int64_t, float*);
+template void gather_rows<bf16>(Team&, const PackedLinear&, const int64_t*, int64_t, bf16*);
+
+}  // namespace thrifty

@@ -1,0 +1,44 @@
+// Matmuls against weights packed once at load: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "parallel.h"
+#include "vec.h"
+
+namespace thrifty {
+
+// Output columns per packed panel: one AVX-512 register of floats, two AVX2 ones.
+constexpr int64_t kPanel = 16;
+
+// A [N, K] weight in column panels of 16 outputs, each panel contiguous over all of K, so a
+// thread streams its panels front to back and reads every weight byte once per row block:
+//   bf16: [ceil(N/16), K/2, 16, 2], the two k of a pair side by side (what vdpbf16ps reads);
+//   fp32: [ceil(N/16), K, 16].
+// Columns past N in the last panel are zero.
+struct PackedLinear {
+  at::Tensor data;
+  at::Tensor bias;  // fp32 [N], or undefined
+  int64_t N = 0;
+  int64_t K = 0;
+
+  int64_t num_panels() const { return (N + kPanel - 1) / kPanel; }
+  bool is_bf16() const { return data.scalar_type() == at::kBFloat16; }
+};
+
+at::Tensor pack_linear_weight(const at::Tensor& weight);
+PackedLinear make_packed_linear(const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N,
+                                int64_t K);
+
+// y = x @ W^T (+ bias) by the whole team (work-shared, no barrier after). x has W's element type;
+// y is bf16 or fp32; with round_bf16, fp32 outputs are rounded to bf16 values (a bf16 model's
+// logits). Rows of x and y are `ldx` and `ldy` elements apart.
+template <typename T, typename TOut>
+void linear(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
+            bool round_bf16 = false);
+
+// out[t, :] = row ids[t] of the packed weight (an embedding table that is also the tied LM head).
+template <typename T>
+void gather_rows(Team& team, const PackedLinear& w, const int64_t* ids, int64_t num_ids, T* out);
+
+}  // namespace thrifty

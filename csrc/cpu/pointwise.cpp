@@ -1,0 +1,125 @@
+#include "pointwise.h"
+
+#include <cmath>
+
+namespace thrifty {
+namespace {
+
+// What a bf16 tensor holds after an operation: round every lane (a no-op for fp32).
+template <typename T>
+inline FVec rounded(FVec v) {
+  if constexpr (std::is_same_v<T, bf16>) return v.round_bf16();
+  return v;
+}
+
+template <typename T>
+void rms_norm_row(const T* x, const T* weight, float eps, int64_t dim, T* out) {
+  int64_t i = 0;
+  FVec acc = FVec::zero();
+  for (; i + FVec::N <= dim; i += FVec::N) {
+    FVec v = FVec::load(x + i);
+    acc = FVec::fma(v, v, acc);
+  }
+  float sum = acc.reduce_add();
+  for (; i < dim; ++i) sum += to_float(x[i]) * to_float(x[i]);
+  const float inv = 1.f / std::sqrt(sum / float(dim) + eps);
+  i = 0;
+  for (; i + FVec::N <= dim; i += FVec::N)
+    rounded<T>(FVec::load(weight + i) * rounded<T>(FVec::load(x + i) * FVec(inv))).store(out + i);
+  for (; i < dim; ++i) store_scalar(out + i, to_float(weight[i]) * round_to(to_float(x[i]) * inv, x));
+}
+
+template <typename T>
+void rotate_head(T* x, const float* cos, const float* sin, int64_t dim) {
+  const int64_t half = dim / 2;
+  int64_t i = 0;
+  for (; i + FVec::N <= half; i += FVec::N) {
+    const FVec x1 = FVec::load(x + i), x2 = FVec::load(x + half + i);
+    const FVec c1 = rounded<T>(FVec::load(cos + i)), s1 = rounded<T>(FVec::load(sin + i));
+    const FVec c2 = rounded<T>(FVec::load(cos + half + i)), s2 = rounded<T>(FVec::load(sin + half + i));
+    const FVec y1 = rounded<T>(rounded<T>(x1 * c1) - rounded<T>(x2 * s1));
+    const FVec y2 = rounded<T>(rounded<T>(x2 * c2) + rounded<T>(x1 * s2));
+    y1.store(x + i);
+    y2.store(x + half + i);
+  }
+  for (; i < half; ++i) {
+    const float x1 = to_float(x[i]), x2 = to_float(x[half + i]);
+    const float c1 = round_to(cos[i], x), s1 = round_to(sin[i], x);
+    const float c2 = round_to(cos[half + i], x), s2 = round_to(sin[half + i], x);
+    store_scalar(x + i, round_to(x1 * c1, x) - round_to(x2 * s1, x));
+    store_scalar(x + half + i, round_to(x2 * c2, x) + round_to(x1 * s2, x));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void add_rms_norm_row(T* x, const T* delta, const T* weight, float eps, int64_t dim, T* out) {
+  if (delta != nullptr) {
+    int64_t i = 0;
+    for (; i + FVec::N <= dim; i += FVec::N) (FVec::load(x + i) + FVec::load(delta + i)).store(x + i);
+    for (; i < dim; ++i) store_scalar(x + i, to_float(x[i]) + to_float(delta[i]));
+  }
+  rms_norm_row(x, weight, eps, dim, out);
+}
+
+template <typename T>
+void add_rms_norm(Team& team, T* x, const T* delta, const T* weight, float eps, int64_t rows, int64_t dim, T* out) {
+  team.for_each(rows, team.chunk_for(rows), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      add_rms_norm_row(x + r * dim, delta ? delta + r * dim : nullptr, weight, eps, dim, out + r * dim);
+  });
+}
+
+template <typename T>
+void rope_and_cache(Team& team, const AttentionShape& sh, const RopeArgs& a, int64_t num_tokens, T* qkv,
+                    int64_t stride, const T* q_norm, const T* k_norm, T* k_cache, T* v_cache) {
+  const int64_t D = sh.head_dim, Hq = sh.num_heads, Hkv = sh.num_kv_heads;
+  team.for_each(num_tokens, team.chunk_for(num_tokens), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      T* row = qkv + t * stride;
+      const float* cos = a.cos + a.positions[t] * D;
+      const float* sin = a.sin + a.positions[t] * D;
+      for (int64_t h = 0; h < Hq + Hkv; ++h) {
+        T* head = row + h * D;
+        const T* norm = h < Hq ? q_norm : k_norm;
+        if (norm != nullptr) rms_norm_row(head, norm, a.eps, D, head);
+        rotate_head(head, cos, sin, D);
+      }
+      write_kv_token(sh, a.slots[t], row + Hq * D, row + (Hq + Hkv) * D, k_cache, v_cache);
+    }
+  });
+}
+
+template <typename T>
+void silu_and_mul(Team& team, const T* gate_up, int64_t rows, int64_t dim, T* out) {
+  team.for_each(rows, team.chunk_for(rows), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gate_up + r * 2 * dim;
+      const T* u = g + dim;
+      T* o = out + r * dim;
+      int64_t i = 0;
+      for (; i + FVec::N <= dim; i += FVec::N) {
+        const FVec x = FVec::load(g + i);
+        const FVec silu = rounded<T>(x / (FVec(1.f) + exp(FVec::zero() - x)));
+        (silu * FVec::load(u + i)).store(o + i);
+      }
+      for (; i < dim; ++i) {
+        const float x = to_float(g[i]);
+        store_scalar(o + i, round_to(x / (1.f + std::exp(-x)), g) * to_float(u[i]));
+      }
+    }
+  });
+}
+
+#define THRIFTY_INSTANTIATE(T)                                                                               \
+  template void add_rms_norm_row<T>(T*, const T*, const T*, float, int64_t, T*);                                \
+  template void add_rms_norm<T>(Team&, T*, const T*, const T*, float, int64_t, int64_t, T*);                   \
+  template void rope_and_cache<T>(Team&, const AttentionShape&, const RopeArgs&, int64_t, T*, int64_t, const T*, \
+                                  const T*, T*, T*);                                                          \
+  template void silu_and_mul<T>(Team&, const T*, int64_t, int64_t, T*);
+THRIFTY_INSTANTIATE(float)
+THRIFTY_INSTANTIATE(bf16)
+#undef THRIFTY_INSTANTIATE
+
+}  // namespace thrifty

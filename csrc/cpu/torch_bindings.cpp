@@ -1,0 +1,144 @@
+// The library's ops and its model class, registered with torch (torch.ops.thrifty.*,
+// torch.classes.thrifty.LlamaModel) when Python loads the library. The single ops run one kernel
+// each on torch's intra-op threads; the tests compare them with the pure-torch reference path.
+#include <torch/library.h>
+
+#include "model.h"
+
+namespace thrifty {
+namespace {
+
+template <typename T>
+T* data(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// Runs body<float> or body<bf16> by the dtype of `t`.
+template <typename F>
+void dispatch(const at::Tensor& t, F&& body) {
+  if (t.scalar_type() == at::kFloat) {
+    body(float{});
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16, "thrifty ops take fp32 or bf16 tensors, got ", t.scalar_type());
+    body(bf16{});
+  }
+}
+
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                     int64_t N, bool out_fp32) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "linear: x must be 2-D with contiguous rows");
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "linear: x and the weight must share a dtype");
+  const PackedLinear w = make_packed_linear(packed, bias, N, x.size(1));
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
+  if (M == 0) return y;
+  dispatch(x, [&](auto t) {
+    using T = decltype(t);
+    run_parallel(1, [&](Team& team) {
+      if (out_fp32) {
+        linear(team, data<T>(x), M, x.stride(0), w, data<float>(y), N);
+      } else {
+        linear(team, data<T>(x), M, x.stride(0), w, data<T>(y), N);
+      }
+    });
+  });
+  return y;
+}
+
+AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k_cache, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: expected contiguous [num_tokens, num_heads, head_dim]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous(), "k_cache: expected [blocks, kv_heads, head_dim, block]");
+  TORCH_CHECK(k_cache.size(2) == q.size(2), "q and the cache disagree on head_dim");
+  return {q.size(1), k_cache.size(1), q.size(2), k_cache.size(3), float(scale)};
+}
+
+at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                              const at::Tensor& block_table, double scale) {
+  const AttentionShape shape = attention_shape(q, k_cache, scale);
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type() &&
+                  v_cache.is_contiguous(),
+              "q and the caches must share a dtype; caches contiguous");
+  const SeqBatch batch = make_seq_batch(query_start_loc, seq_lens, block_table, shape.block_size, k_cache.size(0));
+  TORCH_CHECK(batch.num_tokens == q.size(0), "query_start_loc does not cover q's tokens");
+  const AttentionPlan plan = plan_attention(batch, shape, at::get_num_threads());
+  at::Tensor partials = at::empty({attention_partial_floats(plan, shape)}, q.options().dtype(at::kFloat));
+  at::Tensor out = at::empty_like(q);
+  dispatch(q, [&](auto t) {
+    using T = decltype(t);
+    const int64_t stride = shape.num_heads * shape.head_dim;
+    run_parallel(2, [&](Team& team) {
+      paged_attention(team, plan, batch, shape, data<T>(q), stride, data<T>(k_cache), data<T>(v_cache), data<T>(out),
+                      stride, data<float>(partials));
+    });
+  });
+  return out;
+}
+
+void write_kv_op(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
+                 const at::Tensor& query_start_loc, const at::Tensor& seq_lens, const at::Tensor& block_table) {
+  const AttentionShape shape = attention_shape(k, k_cache, 1.0);
+  TORCH_CHECK(v.sizes() == k.sizes() && v.is_contiguous(), "v must be shaped and laid out as k");
+  const SeqBatch batch = make_seq_batch(query_start_loc, seq_lens, block_table, shape.block_size, k_cache.size(0));
+  TORCH_CHECK(batch.num_tokens == k.size(0), "query_start_loc does not cover k's tokens");
+  std::vector<int64_t> positions(batch.num_tokens), slots(batch.num_tokens);
+  token_positions_and_slots(batch, shape.block_size, positions.data(), slots.data());
+  dispatch(k, [&](auto t) {
+    using T = decltype(t);
+    const int64_t stride = shape.num_kv_heads * shape.head_dim;
+    for (int64_t i = 0; i < batch.num_tokens; ++i)
+      write_kv_token(shape, slots[i], data<T>(k) + i * stride, data<T>(v) + i * stride, data<T>(k_cache),
+                     data<T>(v_cache));
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& x, const c10::optional<at::Tensor>& delta,
+                                               const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && weight.numel() == x.size(1), "rms_norm: x [rows, dim], weight [dim]");
+  at::Tensor residual = x.contiguous().clone(), out = at::empty_like(residual);
+  at::Tensor d = delta.has_value() ? delta->to(x.scalar_type()).contiguous() : at::Tensor();
+  at::Tensor w = weight.to(x.scalar_type()).contiguous();
+  dispatch(x, [&](auto t) {
+    using T = decltype(t);
+    run_parallel(1, [&](Team& team) {
+      add_rms_norm(team, data<T>(residual), d.defined() ? data<T>(d) : nullptr, data<T>(w), float(eps), x.size(0),
+                   x.size(1), data<T>(out));
+    });
+  });
+  return {residual, out};
+}
+
+at::Tensor silu_and_mul_op(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_and_mul: gate_up [rows, 2 * dim]");
+  at::Tensor x = gate_up.contiguous();
+  at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  dispatch(x, [&](auto t) {
+    using T = decltype(t);
+    run_parallel(1, [&](Team& team) { silu_and_mul(team, data<T>(x), x.size(0), x.size(1) / 2, data<T>(out)); });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(thrifty, m) {
+  m.def("pack_linear_weight(Tensor weight) -> Tensor", &pack_linear_weight);
+  m.def("linear(Tensor x, Tensor packed, Tensor? bias, int N, bool out_fp32=False) -> Tensor", &linear_op);
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor query_start_loc, Tensor seq_lens, "
+        "Tensor block_table, float scale) -> Tensor",
+        &paged_attention_op);
+  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor query_start_loc, "
+        "Tensor seq_lens, Tensor block_table) -> ()",
+        &write_kv_op);
+  m.def("rms_norm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)", &rms_norm_op);
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor", &silu_and_mul_op);
+  m.class_<LlamaModel>("LlamaModel")
+      .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t>())
+      .def("add_layer", &LlamaModel::add_layer)
+      .def("set_head", &LlamaModel::set_head)
+      .def("set_rope", &LlamaModel::set_rope)
+      .def("set_kv_caches", &LlamaModel::set_kv_caches)
+      .def("forward", &LlamaModel::forward);
+}
+
+}  // namespace thrifty
