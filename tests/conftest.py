@@ -37,6 +37,24 @@ def llm():
     return LLM(dtype="float32", seed=0)
 
 
+# The engine's two paths: "auto" is the native CPU kernels where they are built (the pure-torch
+# path where not), "torch" the pure-torch reference path. Correctness tests run both.
+BACKENDS = ["auto", "torch"]
+
+
+@pytest.fixture(scope="session")
+def llm_torch():
+    from thrifty import LLM
+
+    return LLM(dtype="float32", seed=0, backend="torch")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def any_llm(request, llm, llm_torch):
+    """The session's fp32 engine on each backend in turn."""
+    return llm if request.param == "auto" else llm_torch
+
+
 @pytest.fixture(scope="session")
 def hf_model():
     from transformers import AutoModelForCausalLM

@@ -590,6 +590,23 @@ def test_kv_cache_salt_isolation(caching):
     assert kv.get_computed_blocks(late)[1] == 8
 
 
+def test_failed_step_takes_back_its_prefix_cache_entries():
+    """Blocks enter the prefix cache when the step that fills them is scheduled; if that step
+    fails, uncache_step() removes them, while blocks computed by earlier steps stay cached."""
+    kv = KVCacheManager(16, 4)
+    a = make_request("a", prompt_of(13))
+    kv.begin_step()
+    kv.allocate_slots(a, 8)  # step 1 fills blocks 0-1
+    a.num_computed_tokens = 8
+    kv.begin_step()
+    kv.allocate_slots(a, 5)  # step 2 fills block 2 ... and fails
+    kv.uncache_step()
+    kv.free(a)
+    again = make_request("again", prompt_of(13))
+    hits, n = kv.get_computed_blocks(again)
+    assert n == 8 and len(hits) == 2
+
+
 def test_kv_block_ids_and_slot_count():
     kv = KVCacheManager(8, 4)
     a = make_request("a", prompt_of(9))

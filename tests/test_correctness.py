@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MAX_NEW, PROMPTS
+from conftest import BACKENDS, MAX_NEW, PROMPTS
 
 from thrifty import LLM, SamplingParams
 
@@ -15,9 +15,9 @@ def _tokens(outputs):
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def test_prefill_logprobs_match_transformers(llm, hf_model):
-    tok = llm.get_tokenizer()
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=1, logprobs=10), use_tqdm=False)
+def test_prefill_logprobs_match_transformers(any_llm, hf_model):
+    tok = any_llm.get_tokenizer()
+    outs = any_llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=1, logprobs=10), use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs):
         ids = torch.tensor([tok.encode(prompt)])
         with torch.inference_mode():
@@ -29,47 +29,50 @@ def test_prefill_logprobs_match_transformers(llm, hf_model):
         assert out.outputs[0].token_ids[0] == int(ref.argmax())
 
 
-def test_greedy_matches_transformers_in_a_mixed_batch(llm, hf_greedy):
-    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+def test_greedy_matches_transformers_in_a_mixed_batch(any_llm, hf_greedy):
+    outs = any_llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert _tokens(outs) == hf_greedy
     assert all(len(t) >= 16 for t in hf_greedy)  # the check covers real continuations
-    tok = llm.get_tokenizer()
+    tok = any_llm.get_tokenizer()
     for out, ref in zip(outs, hf_greedy):
         assert out.outputs[0].text == tok.decode(ref, skip_special_tokens=True)
 
 
-def test_greedy_matches_with_forced_preemption(hf_greedy):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_matches_with_forced_preemption(hf_greedy, backend):
     # 24 blocks of 16 tokens: far less than 8 requests need, so requests are preempted and recomputed.
     tiny = LLM(dtype="float32", max_model_len=256, kv_cache_memory=24 * 16 * 46080 / 2**30,
-               enable_prefix_caching=False)
+               enable_prefix_caching=False, backend=backend)
     assert tiny.llm_engine.kv_cache_manager.num_blocks == 24
     outs = tiny.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert tiny.llm_engine.scheduler.num_preemptions > 0
     assert _tokens(outs) == hf_greedy
 
 
-def test_greedy_matches_with_chunked_prefill(hf_greedy):
-    chunked = LLM(dtype="float32", max_num_batched_tokens=7)  # prompts split into many chunks
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_matches_with_chunked_prefill(hf_greedy, backend):
+    chunked = LLM(dtype="float32", max_num_batched_tokens=7, backend=backend)  # prompts split into many chunks
     outs = chunked.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert chunked.llm_engine.stats.max_step_tokens <= 7
     assert _tokens(outs) == hf_greedy
 
 
-def test_greedy_matches_with_static_batches(hf_greedy):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_matches_with_static_batches(hf_greedy, backend):
     # Batches of 4 run until their slowest member ends; members that end first on EOS stay in
     # the batch as padding rows, which must not disturb their batch mates.
     assert any(len({len(t) for t in hf_greedy[i:i + 4]}) > 1 for i in (0, 4))
-    static = LLM(dtype="float32", scheduler_policy="static", max_num_seqs=4)
+    static = LLM(dtype="float32", scheduler_policy="static", max_num_seqs=4, backend=backend)
     outs = static.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert _tokens(outs) == hf_greedy
     assert static.llm_engine.kv_cache_manager.pool.num_free_blocks == static.llm_engine.kv_cache_manager.num_blocks
 
 
-def test_greedy_matches_with_prefix_cache_hits(llm, hf_greedy):
-    first = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    again = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+def test_greedy_matches_with_prefix_cache_hits(any_llm, hf_greedy):
+    first = any_llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    again = any_llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     long_prompt = PROMPTS[-1]
-    assert again[-1].num_cached_tokens >= 16 * (len(llm.get_tokenizer().encode(long_prompt)) // 16 - 1)
+    assert again[-1].num_cached_tokens >= 16 * (len(any_llm.get_tokenizer().encode(long_prompt)) // 16 - 1)
     assert _tokens(again) == _tokens(first) == hf_greedy
 
 
@@ -109,3 +112,27 @@ def test_n_samples_share_prompt_blocks(llm):
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # siblings are not copies of each other
     # The prompt was computed once; the 3 followers only recomputed the partial last block.
     assert engine.stats.num_prompt_tokens <= n_prompt + 3 * 16
+
+
+def test_failed_step_leaves_no_prefix_cache_entry_for_kv_it_did_not_compute(hf_greedy):
+    """A step that fails after scheduling registered the prompt's full blocks in the prefix
+    cache, but never wrote their KV: the same prompt afterwards must not hit them."""
+    from thrifty.engine.llm_engine import StepFailed
+
+    llm = LLM(dtype="float32", max_model_len=512, kv_cache_memory=0.05)
+    engine = llm.llm_engine
+    prompt = PROMPTS[-1]  # several full blocks
+    assert len(llm.get_tokenizer().encode(prompt)) >= 4 * 16
+    real_execute = engine.runner.execute
+
+    def fail(out):
+        raise RuntimeError("injected failure")
+
+    engine.runner.execute = fail
+    engine.add_request(prompt, GREEDY)
+    with pytest.raises(StepFailed):
+        engine.step()
+    engine.runner.execute = real_execute
+    out = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0
+    assert out.outputs[0].token_ids == hf_greedy[-1]

@@ -48,8 +48,8 @@ def _make_folder(tmp_path, family: str, shard: bool = False):
     return folder, model
 
 
-def _compare(folder, hf_model, prompt_ids: list[list[int]], new_tokens: int = 12):
-    llm = LLM(str(folder), dtype="float32")
+def _compare(folder, hf_model, prompt_ids: list[list[int]], new_tokens: int = 12, backend: str = "auto"):
+    llm = LLM(str(folder), dtype="float32", backend=backend)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids],
                         SamplingParams(temperature=0, max_tokens=new_tokens, logprobs=5, ignore_eos=True),
                         use_tqdm=False)
@@ -67,10 +67,11 @@ def _compare(folder, hf_model, prompt_ids: list[list[int]], new_tokens: int = 12
 PROMPTS = [[5, 17, 900, 33, 4000, 12], list(range(100, 170)), [7]]
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_matches_transformers(tmp_path, family):
+def test_family_matches_transformers(tmp_path, family, backend):
     folder, hf_model = _make_folder(tmp_path, family)
-    _compare(folder, hf_model, PROMPTS)
+    _compare(folder, hf_model, PROMPTS, backend=backend)
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -147,12 +148,14 @@ def test_packed_fp32_linear_serves_small_batches_and_matches():
     assert bf16.packed is None  # bf16 weights keep their own path
 
 
-def test_bf16_model_close_to_transformers_bf16(tmp_path):
-    """bf16 end to end (the widened matmuls and decode attention on CPUs without native bf16):
-    prefill logprobs stay within bf16 noise of transformers running the same weights in bf16."""
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_bf16_model_close_to_transformers_bf16(tmp_path, backend):
+    """bf16 end to end (the native kernels; on the torch path, the widened matmuls and decode
+    attention on CPUs without native bf16): prefill logprobs stay within bf16 noise of
+    transformers running the same weights in bf16."""
     folder, hf_model = _make_folder(tmp_path, "llama")
     hf_model = hf_model.to(torch.bfloat16)
-    llm = LLM(str(folder), dtype="bfloat16")
+    llm = LLM(str(folder), dtype="bfloat16", backend=backend)
     prompts = [list(range(100, 170)), [5, 17, 900, 33, 4000, 12]]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True), use_tqdm=False)

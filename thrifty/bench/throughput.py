@@ -13,6 +13,16 @@ from thrifty.entrypoints.llm import LLM
 from thrifty.sampling_params import SamplingParams
 
 
+# The workloads the CPU performance goals are measured on (docs/benchmarks.md):
+# name -> (prompts, input tokens, output tokens). Greedy, exactly the output length.
+WORKLOADS = {
+    "W64": (64, 128, 128),  # a batch of 64 chat-sized requests
+    "B1": (1, 128, 128),  # one request alone: bound by streaming the weights
+    "long": (16, 1024, 256),  # long contexts: attention over the tokens each one really has
+    "prefill": (8, 1024, 1),  # prompt processing only
+}
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -22,6 +32,18 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo (lscpu's Flags line) lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, output_len: int,
@@ -68,6 +90,7 @@ def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, out
         "max_num_seqs": engine.config.max_num_seqs,
         "max_num_batched_tokens": engine.config.max_num_batched_tokens,
         "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }

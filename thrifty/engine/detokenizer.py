@@ -1,8 +1,10 @@
 """Incremental detokenizing with stop strings.
 
-Each new token is decoded together with a few tokens before it (so byte-level and
-SentencePiece tokenizers see the context that decides spaces and merged bytes), and text is
-only released once it no longer ends in an incomplete UTF-8 character (U+FFFD).
+Each new token is decoded in the context of the tokens before it (so byte-level and
+SentencePiece tokenizers see what decides spaces and merged bytes), and text is only released
+once it no longer ends in an incomplete UTF-8 character. With a fast (Rust) tokenizer that is
+one call per token into tokenizers' DecodeStream, primed with the prompt's last tokens; a slow
+tokenizer decodes the new token with its context twice (with and without it) per token.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self.include_stop = include_stop_str_in_output
-        self.tokens = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._stream = _decode_stream(tokenizer, context, skip_special_tokens)
+        self.tokens = context
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
         self.output_text = ""
@@ -33,6 +37,12 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int) -> str | None:
         """Append one token; returns the stop string if the text now contains one (the text is
         then cut at it), else None."""
+        if self._stream is not None:
+            delta = self._stream.step(self.tokenizer._tokenizer, token_id)
+            if not delta:
+                return None
+            self.output_text += delta
+            return self._check_stop(len(delta)) if self.stop else None
         self.tokens.append(token_id)
         prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
         full = self._decode(self.tokens[self.prefix_offset:])
@@ -66,3 +76,16 @@ class IncrementalDetokenizer:
 
     def decode_token(self, token_id: int) -> str:
         return self._decode([token_id])
+
+
+def _decode_stream(tokenizer, context: list[int], skip_special_tokens: bool):
+    """tokenizers' DecodeStream primed with `context`, for a fast tokenizer; None otherwise, and
+    also when the context holds a broken UTF-8 sequence (a prompt cut inside a character): a
+    stream primed so would later emit the prompt's own text."""
+    if getattr(tokenizer, "_tokenizer", None) is None:
+        return None
+    if _REPLACEMENT in tokenizer.decode(context, skip_special_tokens=skip_special_tokens):
+        return None
+    from tokenizers.decoders import DecodeStream
+
+    return DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)

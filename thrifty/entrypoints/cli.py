@@ -74,9 +74,16 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from thrifty import LLM
     from thrifty.bench.throughput import print_table, run_throughput, write_json
 
+    from thrifty.bench.throughput import WORKLOADS
+
+    defaults = WORKLOADS[args.workload] if args.workload else (64, 128, 128)
+    num_prompts, input_len, output_len = (given if given is not None else default for given, default in
+                                          zip((args.num_prompts, args.input_len, args.output_len), defaults))
     llm = LLM(args.model, **engine_kwargs(args))
-    result = run_throughput(llm, args.dataset, args.num_prompts, args.input_len, args.output_len,
+    result = run_throughput(llm, args.dataset, num_prompts, input_len, output_len,
                             ignore_eos=args.ignore_eos, seed=args.seed, use_tqdm=not args.no_progress)
+    if args.workload:
+        result["workload"] = args.workload
     print_table(result)
     write_json(result, args.json)
     return 0
@@ -246,9 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp = bench_sub.add_parser("throughput", help="offline throughput on a synthetic workload (JSON output)")
     add_engine_args(tp)
     tp.add_argument("--dataset", default="random", choices=["random", "mixed"])
-    tp.add_argument("--input-len", type=int, default=128)
-    tp.add_argument("--output-len", type=int, default=128)
-    tp.add_argument("--num-prompts", type=int, default=64)
+    tp.add_argument("--workload", default=None, choices=["W64", "B1", "long", "prefill"],
+                    help="preset sizes: W64 = 64 prompts x 128 in / 128 out, B1 = 1 x 128 / 128, "
+                         "long = 16 x 1024 / 256, prefill = 8 x 1024 / 1 (explicit sizes still override)")
+    tp.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 128)")
+    tp.add_argument("--output-len", type=int, default=None, help="generated tokens (default 128)")
+    tp.add_argument("--num-prompts", type=int, default=None, help="requests (default 64)")
     tp.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                     help="generate exactly the output length (default on)")
     tp.add_argument("--json", default=None, help="also write the JSON result to this file")

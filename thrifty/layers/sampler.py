@@ -108,20 +108,59 @@ def apply_penalties(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.
 # Random sampling
 
 
+# A top-p row looks for its nucleus among its this-many most likely tokens first (torch.topk),
+# instead of sorting the whole vocabulary; only a row whose nucleus is wider (a very flat
+# distribution) is sorted in full.
+TOP_P_CANDIDATES = 1024
+
+
 def _apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
 ) -> torch.Tensor:
-    """Mask tokens outside top-k, then outside the top-p nucleus, with one sort for the batch."""
+    """Mask tokens outside top-k, then outside the top-p nucleus, by rank: the candidates are
+    the rows' largest logits from one torch.topk, not a sort of the vocabulary. Rows with
+    neither filter (top_k = vocab, top_p = inf) pass through."""
+    rows, vocab = logits.shape
+    no_filter = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+    has_k = top_k < vocab if top_k is not None else no_filter
+    has_p = top_p < math.inf if top_p is not None else no_filter
+    k_max = int(top_k[has_k].max()) if bool(has_k.any()) else 0
+    num = min(vocab, max(k_max, TOP_P_CANDIDATES if bool(has_p.any()) else 0))
+    values, order = logits.topk(num, dim=-1)  # sorted, largest first
+    ranks = torch.arange(num, device=logits.device)
+    keep = ranks < top_k.unsqueeze(1) if top_k is not None else torch.ones_like(values, dtype=torch.bool)
+    wider = no_filter
+    if top_p is not None:
+        kept = values.masked_fill(~keep, -math.inf)
+        # Normalized over every token top-k keeps: the candidates when a row has top-k (it keeps
+        # no more than `num`), the whole vocabulary when it has not.
+        norm = torch.where(has_k.unsqueeze(1), kept.logsumexp(dim=-1, keepdim=True),
+                           logits.logsumexp(dim=-1, keepdim=True))
+        probs = (kept - norm).exp()
+        # Mass strictly before each token: a token stays while the set before it is still short
+        # of top_p. The first token's mass_before is exactly 0, so it is always kept.
+        mass_before = probs.cumsum(dim=-1) - probs
+        keep &= mass_before < top_p.unsqueeze(1)
+        # A row whose nucleus may reach past the candidates: they hold less than top_p.
+        wider = has_p & ~has_k & (probs.sum(dim=-1) < top_p)
+    filtered = torch.full_like(logits, -math.inf).scatter(1, order, values.masked_fill(~keep, -math.inf))
+    filtered = torch.where((has_k | has_p).unsqueeze(1), filtered, logits)
+    if bool(wider.any()):
+        filtered = torch.where(wider.unsqueeze(1), _sorted_top_k_top_p(logits, top_k, top_p), filtered)
+    return filtered
+
+
+def _sorted_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor
+) -> torch.Tensor:
+    """The same filter with one sort of the whole vocabulary (rows with a very wide nucleus)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     if top_k is not None:
         ranks = torch.arange(logits.shape[1], device=logits.device)
         sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), -math.inf)
-    if top_p is not None:
-        probs = sorted_logits.softmax(dim=-1)
-        # Mass strictly before each token: a token stays while the set before it is still short
-        # of top_p. The first token's mass_before is exactly 0, so it is always kept.
-        mass_before = probs.cumsum(dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1), -math.inf)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1), -math.inf)
     return logits.scatter(1, order, sorted_logits)
 
 

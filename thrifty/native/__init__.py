@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from functools import cache
+from pathlib import Path
 
 from thrifty.native.build import cpu_flags, library_path, source_hash
 
@@ -18,13 +19,19 @@ logger = logging.getLogger("thrifty")
 
 # THRIFTY_NATIVE=0 turns the native path off (the reference path runs everywhere).
 ENV_SWITCH = "THRIFTY_NATIVE"
+# THRIFTY_NATIVE_LIB=PATH loads another build (the tests run other instruction sets' builds so).
+ENV_LIBRARY = "THRIFTY_NATIVE_LIB"
 
 
-def unavailable_reason(isa: str = "native") -> str | None:
+def _library() -> Path:
+    return Path(os.environ[ENV_LIBRARY]) if os.environ.get(ENV_LIBRARY) else library_path()
+
+
+def unavailable_reason() -> str | None:
     """Why the library cannot be used here, or None if it can."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return f"{ENV_SWITCH}=0"
-    path = library_path(isa)
+    path = _library()
     stamp_path = path.with_suffix(".json")
     if not path.exists() or not stamp_path.exists():
         return f"{path} is not built (run `make` or `python -m thrifty.native.build`)"
@@ -38,14 +45,14 @@ def unavailable_reason(isa: str = "native") -> str | None:
 
 
 @cache
-def load(isa: str = "native") -> bool:
+def load() -> bool:
     """Loads the library once; returns whether the native kernels are available."""
-    reason = unavailable_reason(isa)
+    reason = unavailable_reason()
     if reason is None:
         import torch
 
         try:
-            torch.ops.load_library(str(library_path(isa)))
+            torch.ops.load_library(str(_library()))
         except (OSError, RuntimeError) as e:
             reason = f"loading it failed: {e}"
     if reason is not None:
