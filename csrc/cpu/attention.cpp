@@ -1,6 +1,11 @@
 // Paged attention, flash style: a unit's query rows (its tokens x the query heads of one KV head)
 // walk the keys 16 at a time, straight from the cache blocks, with an online softmax; nothing is
 // gathered into a padded copy, and the work grows with the keys each sequence really has.
+//
+// Rows are taken a few at a time (as many as keep their output in registers): the scores of
+// 16 keys for those rows come from one pass over the chunk's keys, their outputs from one pass
+// over its values. With bf16 caches the pairs layout lets AVX512-BF16 CPUs multiply bf16 pairs
+// straight into fp32 sums (vdpbf16ps); other CPUs widen each pair to two fp32 vectors.
 #include "attention.h"
 
 #include <cmath>
@@ -9,41 +14,194 @@
 namespace thrifty {
 namespace {
 
-constexpr int64_t kKeys = 16;  // keys per chunk: one AVX-512 register of scores
+constexpr int64_t kKeys = 16;  // keys per chunk
 constexpr int kMaxRows = 16;  // query rows of a unit (tokens x heads sharing a KV head)
-constexpr int64_t kMaxHeadDim = 256;
-constexpr int kKeyVecs = int(kKeys) / FVec::N;
+constexpr int kKeyVecs = int(kKeys) / FVec::N;  // vectors per row of scores
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+#if defined(THRIFTY_AVX512)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+// How far ahead, in keys, the next blocks are prefetched: a decode is bound by reading the cache,
+// and its blocks lie anywhere.
+constexpr int64_t kPrefetchKeys = 2 * kKeys;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// s[r][j] = q_r . k_j for RG rows and one chunk of keys (kf: the chunk transposed, [D][16]).
-template <int RG>
-inline void chunk_scores(const float* q, int64_t D, const float* kf, float* s) {
-  FVec acc[RG][kKeyVecs];
-  for (auto& row : acc) for (auto& v : row) v = FVec::zero();
-  for (int64_t d = 0; d < D; ++d) {
-    FVec k[kKeyVecs];
-    for (int v = 0; v < kKeyVecs; ++v) k[v] = FVec::load(kf + d * kKeys + v * FVec::N);
-    for (int r = 0; r < RG; ++r) {
-      const FVec b(q[r * D + d]);
-      for (int v = 0; v < kKeyVecs; ++v) acc[r][v] = FVec::fma(b, k[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < RG; ++r)
-    for (int v = 0; v < kKeyVecs; ++v) acc[r][v].store(s + r * kKeys + v * FVec::N);
+// 1.0 in the first `valid` lanes of a chunk of 16, 0.0 after: mask_table + 16 - valid.
+alignas(64) constexpr float kMaskTable[2 * kKeys] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+
+inline void prefetch(const void* p, int64_t bytes) {
+#if defined(THRIFTY_AVX512) || defined(THRIFTY_AVX2)
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(p) + i, _MM_HINT_T0);
+#else
+  (void)p, (void)bytes;
+#endif
 }
 
-inline void scores(const float* q, int64_t rows, int64_t D, const float* kf, float* s) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) chunk_scores<4>(q + r * D, D, kf, s + r * kKeys);
-  switch (rows - r) {
-    case 3: chunk_scores<3>(q + r * D, D, kf, s + r * kKeys); break;
-    case 2: chunk_scores<2>(q + r * D, D, kf, s + r * kKeys); break;
-    case 1: chunk_scores<1>(q + r * D, D, kf, s + r * kKeys); break;
-    default: break;
+// Where one chunk of 16 keys and their values lie in one layer's cache, for one KV head.
+template <typename T>
+struct Chunk {
+  const T* k;  // the chunk's first key
+  const T* v;  // the chunk's first value
+};
+
+template <typename T, int D>
+struct CacheLayout;
+
+// fp32: K [blocks, heads, D, bs] (keys transposed), V [blocks, heads, bs, D].
+template <int D>
+struct CacheLayout<float, D> {
+  int64_t bs, heads;
+  Chunk<float> chunk(const float* kc, const float* vc, int64_t block, int64_t head, int64_t off) const {
+    return {kc + (block * heads + head) * D * bs + off, vc + ((block * heads + head) * bs + off) * D};
   }
+  void write(int64_t block, int64_t off, const float* k, const float* v, float* kc, float* vc) const {
+    for (int64_t h = 0; h < heads; ++h) {
+      float* kt = kc + (block * heads + h) * D * bs + off;
+      for (int64_t d = 0; d < D; ++d) kt[d * bs] = k[h * D + d];
+      std::copy(v + h * D, v + (h + 1) * D, vc + ((block * heads + h) * bs + off) * D);
+    }
+  }
+};
+
+// bf16: K [blocks, heads, D/2, bs, 2] (pairs of dimensions side by side per key),
+//       V [blocks, heads, bs/2, D, 2] (pairs of keys side by side per dimension).
+template <int D>
+struct CacheLayout<bf16, D> {
+  int64_t bs, heads;
+  Chunk<bf16> chunk(const bf16* kc, const bf16* vc, int64_t block, int64_t head, int64_t off) const {
+    return {kc + (block * heads + head) * D * bs + off * 2, vc + (block * heads + head) * bs * D + off * D};
+  }
+  void write(int64_t block, int64_t off, const bf16* k, const bf16* v, bf16* kc, bf16* vc) const {
+    for (int64_t h = 0; h < heads; ++h) {
+      bf16* kt = kc + (block * heads + h) * D * bs + off * 2;
+      for (int64_t d = 0; d < D; ++d) kt[(d / 2) * bs * 2 + d % 2] = k[h * D + d];
+      bf16* vt = vc + (block * heads + h) * bs * D + (off / 2) * D * 2 + off % 2;
+      for (int64_t d = 0; d < D; ++d) vt[d * 2] = v[h * D + d];
+    }
+  }
+};
+
+// Reads FVec::N pairs (two consecutive bf16 per lane) as two float vectors: first and second.
+inline void load_pairs(const bf16* p, FVec& first, FVec& second) {
+#if defined(THRIFTY_AVX512)
+  __m512i raw = _mm512_loadu_si512(p);
+  first = FVec(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)));
+  second = FVec(_mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int(0xffff0000u)))));
+#elif defined(THRIFTY_AVX2)
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  first = FVec(_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)));
+  second = FVec(_mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(int(0xffff0000u)))));
+#else
+  for (int i = 0; i < FVec::N; ++i) {
+    first.v[i] = bf16_to_float(p[2 * i]);
+    second.v[i] = bf16_to_float(p[2 * i + 1]);
+  }
+#endif
 }
+
+// The per-dtype inner loops over one chunk: scores of RG rows (QK) and their weighted values (PV).
+// q holds the rows' queries as the variant wants them (see prepare_queries); p the rows'
+// probabilities for the chunk's keys (fp32, 16 per row; zero past the valid keys).
+template <typename T, int D>
+struct ChunkMath;
+
+template <int D>
+struct ChunkMath<float, D> {
+  static constexpr int VD = D / FVec::N;
+  struct Queries { float q[kMaxRows][D]; };  // scaled
+  static void prepare(Queries& qs, int r, const float* src, float scale) {
+    for (int d = 0; d < D; ++d) qs.q[r][d] = src[d] * scale;
+  }
+  static constexpr bool kScaleScores = false;
+  template <int RG>
+  static void scores(const Queries& qs, int r0, const Chunk<float>& c, int64_t bs, FVec (&s)[RG][kKeyVecs]) {
+    for (int d = 0; d < D; ++d) {
+      FVec k[kKeyVecs];
+      for (int v = 0; v < kKeyVecs; ++v) k[v] = FVec::load(c.k + d * bs + v * FVec::N);
+      for (int r = 0; r < RG; ++r) {
+        const FVec b(qs.q[r0 + r][d]);
+        for (int v = 0; v < kKeyVecs; ++v) s[r][v] = FVec::fma(b, k[v], s[r][v]);
+      }
+    }
+  }
+  template <int RG>
+  static void values(const float (*p)[kKeys], int64_t valid, const Chunk<float>& c, FVec (&o)[RG][VD]) {
+    for (int64_t j = 0; j < valid; ++j) {
+      for (int v = 0; v < VD; ++v) {
+        const FVec x = FVec::load(c.v + j * D + v * FVec::N);
+        for (int r = 0; r < RG; ++r) o[r][v] = FVec::fma(FVec(p[r][j]), x, o[r][v]);
+      }
+    }
+  }
+};
+
+template <int D>
+struct ChunkMath<bf16, D> {
+  static constexpr int VD = D / FVec::N;
+#if defined(THRIFTY_AVX512BF16)
+  // Queries stay bf16 pairs (one 32-bit broadcast per pair); the scale is applied to the scores.
+  struct Queries { int32_t pairs[kMaxRows][D / 2]; };
+  static void prepare(Queries& qs, int r, const bf16* src, float) { std::memcpy(qs.pairs[r], src, D * sizeof(bf16)); }
+  static constexpr bool kScaleScores = true;
+  template <int RG>
+  static void scores(const Queries& qs, int r0, const Chunk<bf16>& c, int64_t bs, FVec (&s)[RG][kKeyVecs]) {
+    for (int dp = 0; dp < D / 2; ++dp) {
+      const __m512i k = _mm512_loadu_si512(c.k + dp * bs * 2);
+      for (int r = 0; r < RG; ++r)
+        s[r][0].v = _mm512_dpbf16_ps(s[r][0].v, (__m512bh)_mm512_set1_epi32(qs.pairs[r0 + r][dp]), (__m512bh)k);
+    }
+  }
+  template <int RG>
+  static void values(const float (*p)[kKeys], int64_t valid, const Chunk<bf16>& c, FVec (&o)[RG][VD]) {
+    int32_t pp[RG][kKeys / 2];  // each row's probabilities as bf16 pairs of keys
+    for (int r = 0; r < RG; ++r)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp[r]), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p[r])));
+    const int64_t pairs = (valid + 1) / 2;
+    for (int64_t jp = 0; jp < pairs; ++jp) {
+      for (int v = 0; v < VD; ++v) {
+        const __m512i x = _mm512_loadu_si512(c.v + (jp * D + v * 16) * 2);
+        for (int r = 0; r < RG; ++r)
+          o[r][v].v = _mm512_dpbf16_ps(o[r][v].v, (__m512bh)_mm512_set1_epi32(pp[r][jp]), (__m512bh)x);
+      }
+    }
+  }
+#else
+  // Queries widened to fp32 and scaled; each pair of the cache widened to two fp32 vectors.
+  struct Queries { float q[kMaxRows][D]; };
+  static void prepare(Queries& qs, int r, const bf16* src, float scale) {
+    for (int d = 0; d < D; ++d) qs.q[r][d] = bf16_to_float(src[d]) * scale;
+  }
+  static constexpr bool kScaleScores = false;
+  template <int RG>
+  static void scores(const Queries& qs, int r0, const Chunk<bf16>& c, int64_t bs, FVec (&s)[RG][kKeyVecs]) {
+    for (int dp = 0; dp < D / 2; ++dp) {
+      FVec even[kKeyVecs], odd[kKeyVecs];
+      for (int v = 0; v < kKeyVecs; ++v) load_pairs(c.k + (dp * bs + v * FVec::N) * 2, even[v], odd[v]);
+      for (int r = 0; r < RG; ++r) {
+        const FVec b0(qs.q[r0 + r][2 * dp]), b1(qs.q[r0 + r][2 * dp + 1]);
+        for (int v = 0; v < kKeyVecs; ++v) s[r][v] = FVec::fma(b1, odd[v], FVec::fma(b0, even[v], s[r][v]));
+      }
+    }
+  }
+  template <int RG>
+  static void values(const float (*p)[kKeys], int64_t valid, const Chunk<bf16>& c, FVec (&o)[RG][VD]) {
+    const int64_t pairs = (valid + 1) / 2;
+    for (int64_t jp = 0; jp < pairs; ++jp) {
+      for (int v = 0; v < VD; ++v) {
+        FVec first, second;
+        load_pairs(c.v + (jp * D + v * FVec::N) * 2, first, second);
+        for (int r = 0; r < RG; ++r)
+          o[r][v] = FVec::fma(FVec(p[r][2 * jp + 1]), second, FVec::fma(FVec(p[r][2 * jp]), first, o[r][v]));
+      }
+    }
+  }
+#endif
+};
+
 
 template <typename T>
 struct Operands {
@@ -58,96 +216,136 @@ struct Operands {
   float* partials;
 };
 
-template <typename T>
-void run_unit(const AttentionUnit& u, const Operands<T>& op) {
-  const SeqBatch& b = op.batch;
-  const AttentionShape& sh = op.shape;
-  const int64_t D = sh.head_dim, bs = sh.block_size, Hkv = sh.num_kv_heads;
-  const int64_t G = sh.num_heads / Hkv;
-  const int64_t rows = u.num_tokens * G;
-  alignas(64) float qf[kMaxRows * kMaxHeadDim];
-  alignas(64) float o[kMaxRows * kMaxHeadDim];
-  alignas(64) float kf[kMaxHeadDim * kKeys];
-  alignas(64) float vf[kKeys * kMaxHeadDim];
-  alignas(64) float s[kMaxRows * kKeys];
-  float m[kMaxRows], l[kMaxRows];
-  int64_t row_end[kMaxRows];  // keys a row may see: up to its own position, causally
+template <typename T, int D>
+class UnitRunner {
+  using Math = ChunkMath<T, D>;
+  static constexpr int VD = Math::VD;
+  // Rows per group: as many as keep their outputs (VD vectors each) in half the registers.
+  static constexpr int RG = std::max(1, std::min(4, kVectorRegisters / 2 / VD));
 
-  const int64_t pos0 = b.first_pos(u.seq) - b.query_start_loc[u.seq];  // + token index = position
-  int64_t key_end = u.key_begin;
-  for (int64_t i = 0; i < u.num_tokens; ++i) {
-    const int64_t token = u.token_begin + i;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = i * G + g;
-      const T* src = op.q + token * op.q_stride + (u.kv_head * G + g) * D;
-      for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(src[d]) * sh.scale;
-      row_end[r] = std::min<int64_t>(u.key_end, pos0 + token + 1);
+ public:
+  UnitRunner(const AttentionUnit& u, const Operands<T>& op) : u_(u), op_(op) {
+    const SeqBatch& b = op.batch;
+    G_ = op.shape.num_heads / op.shape.num_kv_heads;
+    rows_ = u.num_tokens * G_;
+    layout_ = CacheLayout<T, D>{op.shape.block_size, op.shape.num_kv_heads};
+    const int64_t pos0 = b.first_pos(u.seq) - b.query_start_loc[u.seq];  // + token index = position
+    key_end_ = u.key_begin;
+    for (int64_t i = 0; i < u.num_tokens; ++i) {
+      const int64_t token = u.token_begin + i;
+      for (int64_t g = 0; g < G_; ++g) {
+        const int r = int(i * G_ + g);
+        Math::prepare(queries_, r, op.q + token * op.q_stride + (u.kv_head * G_ + g) * D, op.shape.scale);
+        row_end_[r] = std::min<int64_t>(u.key_end, pos0 + token + 1);  // causal
+      }
+      key_end_ = std::max(key_end_, row_end_[i * G_]);
+    }
+  }
+
+  void run() {
+    int r0 = 0;
+    for (; r0 + RG <= rows_; r0 += RG) run_rows<RG>(r0);
+    switch (rows_ - r0) {  // RG <= 4
+      case 3: run_rows<3>(r0); break;
+      case 2: run_rows<2>(r0); break;
+      case 1: run_rows<1>(r0); break;
+      default: break;
+    }
+  }
+
+ private:
+  template <int R>
+  void run_rows(int r0) {
+    FVec o[R][VD];
+    float m[R], l[R];
+    for (int r = 0; r < R; ++r) {
+      for (auto& v : o[r]) v = FVec::zero();
       m[r] = kNegInf;
       l[r] = 0.f;
     }
-    key_end = std::max(key_end, row_end[i * G]);
-  }
-  std::fill(o, o + rows * D, 0.f);
-
-  const int32_t* blocks = b.block_table + u.seq * b.block_table_stride;
-  for (int64_t c0 = u.key_begin; c0 < key_end; c0 += kKeys) {
-    const int64_t nk = std::min(kKeys, key_end - c0);
-    const int64_t block = blocks[c0 / bs], off = c0 % bs;
-    const T* kt = op.k_cache + (block * Hkv + u.kv_head) * D * bs + off;  // kt[d * bs + j]
-    const T* vv = op.v_cache + ((block * Hkv + u.kv_head) * bs + off) * D;  // vv[j * D + d]
-    if (nk == kKeys) {
-      for (int64_t d = 0; d < D; ++d)
-        for (int v = 0; v < kKeyVecs; ++v) FVec::load(kt + d * bs + v * FVec::N).store(kf + d * kKeys + v * FVec::N);
-    } else {  // the sequence's last, partial chunk: keys past its end read as zero
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t j = 0; j < kKeys; ++j) kf[d * kKeys + j] = j < nk ? to_float(kt[d * bs + j]) : 0.f;
-    }
-    for (int64_t j = 0; j < nk; ++j)
-      for (int64_t d = 0; d < D; d += FVec::N) FVec::load(vv + j * D + d).store(vf + j * D + d);
-    scores(qf, rows, D, kf, s);
-
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t valid = std::min(nk, row_end[r] - c0);
-      if (valid <= 0) continue;
-      float* sr = s + r * kKeys;
-      float chunk_max = sr[0];
-      for (int64_t j = 1; j < valid; ++j) chunk_max = std::max(chunk_max, sr[j]);
-      const float m_new = std::max(m[r], chunk_max);
-      const float correction = std::exp(m[r] - m_new);
-      float sum = 0.f;
-      for (int v = 0; v < kKeyVecs; ++v) {
-        FVec p = exp(FVec::load(sr + v * FVec::N) - FVec(m_new));
-        p.store(sr + v * FVec::N);
+    const int64_t bs = op_.shape.block_size;
+    const int32_t* blocks = op_.batch.block_table + u_.seq * op_.batch.block_table_stride;
+    alignas(64) float p[R][kKeys];
+    for (int64_t c0 = u_.key_begin; c0 < key_end_; c0 += kKeys) {
+      const Chunk<T> c = layout_.chunk(op_.k_cache, op_.v_cache, blocks[c0 / bs], u_.kv_head, c0 % bs);
+      const int64_t ahead = c0 + std::max(bs, kPrefetchKeys);
+      if (c0 % bs == 0 && ahead < key_end_) {  // entering a block: fetch a later one whole
+        const Chunk<T> next = layout_.chunk(op_.k_cache, op_.v_cache, blocks[ahead / bs], u_.kv_head, 0);
+        prefetch(next.k, D * bs * int64_t(sizeof(T)));
+        prefetch(next.v, D * bs * int64_t(sizeof(T)));
       }
-      for (int64_t j = valid; j < kKeys; ++j) sr[j] = 0.f;
-      for (int64_t j = 0; j < valid; ++j) sum += sr[j];
-      l[r] = l[r] * correction + sum;
-      m[r] = m_new;
-      float* orow = o + r * D;
-      for (int64_t d = 0; d < D; d += FVec::N) {
-        FVec acc = FVec::load(orow + d) * FVec(correction);
-        for (int64_t j = 0; j < valid; ++j) acc = FVec::fma(FVec(sr[j]), FVec::load(vf + j * D + d), acc);
-        acc.store(orow + d);
+      FVec s[R][kKeyVecs];
+      for (auto& row : s) for (auto& v : row) v = FVec::zero();
+      Math::template scores<R>(queries_, r0, c, bs, s);
+      int64_t valid_max = 0;
+      bool skip[R];
+      float correction[R];
+      for (int r = 0; r < R; ++r) {
+        const int64_t valid = std::min<int64_t>(kKeys, row_end_[r0 + r] - c0);
+        skip[r] = valid <= 0;
+        if (skip[r]) {
+          std::fill(p[r], p[r] + kKeys, 0.f);
+          correction[r] = 1.f;
+          continue;
+        }
+        valid_max = std::max(valid_max, valid);
+        // Lanes past the row's last key: mask 0, score -1e30 (finite: no inf - inf below).
+        FVec chunk_max(kNegInf);
+        FVec masked[kKeyVecs];
+        for (int v = 0; v < kKeyVecs; ++v) {
+          const FVec mask = FVec::load(kMaskTable + kKeys - valid + v * FVec::N);
+          FVec sv = s[r][v];
+          if constexpr (Math::kScaleScores) sv = sv * FVec(op_.shape.scale);
+          masked[v] = FVec::fma(sv, mask, (mask - FVec(1.f)) * FVec(1e30f));
+          chunk_max = FVec::max(chunk_max, masked[v]);
+        }
+        const float m_new = std::max(m[r], chunk_max.reduce_max());
+        correction[r] = std::exp(m[r] - m_new);
+        FVec sum = FVec::zero();
+        for (int v = 0; v < kKeyVecs; ++v) {
+          const FVec mask = FVec::load(kMaskTable + kKeys - valid + v * FVec::N);
+          const FVec pv = exp(masked[v] - FVec(m_new)) * mask;
+          pv.store(p[r] + v * FVec::N);
+          sum = sum + pv;
+        }
+        l[r] = l[r] * correction[r] + sum.reduce_add();
+        m[r] = m_new;
       }
+      if (valid_max == 0) continue;
+      for (int r = 0; r < R; ++r)
+        if (correction[r] != 1.f)
+          for (auto& v : o[r]) v = v * FVec(correction[r]);
+      Math::template values<R>(p, valid_max, c, o);
     }
+    finish<R>(r0, o, m, l);
   }
 
-  if (u.partial < 0) {
-    for (int64_t i = 0; i < u.num_tokens; ++i) {
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t r = i * G + g;
-        T* dst = op.out + (u.token_begin + i) * op.out_stride + (u.kv_head * G + g) * D;
+  template <int R>
+  void finish(int r0, FVec (&o)[R][VD], const float* m, const float* l) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = r0 + r, token = u_.token_begin + row / G_, head = u_.kv_head * G_ + row % G_;
+      if (u_.partial < 0) {
+        T* dst = op_.out + token * op_.out_stride + head * D;
         const FVec inv(l[r] > 0.f ? 1.f / l[r] : 0.f);
-        for (int64_t d = 0; d < D; d += FVec::N) (FVec::load(o + r * D + d) * inv).store(dst + d);
+        for (int v = 0; v < VD; ++v) (o[r][v] * inv).store(dst + v * FVec::N);
+      } else {  // a split decode: unnormalized output, then max and sum per head
+        float* part = op_.partials + u_.partial * (G_ * D + 2 * G_);
+        for (int v = 0; v < VD; ++v) o[r][v].store(part + (row % G_) * D + v * FVec::N);
+        part[G_ * D + row % G_] = m[r];
+        part[G_ * D + G_ + row % G_] = l[r];
       }
     }
-  } else {  // a split decode: unnormalized output, then max and sum per head
-    float* part = op.partials + u.partial * (G * D + 2 * G);
-    std::copy(o, o + G * D, part);
-    std::copy(m, m + G, part + G * D);
-    std::copy(l, l + G, part + G * D + G);
   }
-}
+
+  const AttentionUnit& u_;
+  const Operands<T>& op_;
+  int64_t G_ = 1;
+  int rows_ = 0;
+  CacheLayout<T, D> layout_{};
+  typename Math::Queries queries_;
+  int64_t row_end_[kMaxRows];
+  int64_t key_end_ = 0;
+};
 
 template <typename T>
 void run_merge(const AttentionMerge& mg, const Operands<T>& op) {
@@ -175,10 +373,27 @@ void run_merge(const AttentionMerge& mg, const Operands<T>& op) {
   }
 }
 
+// Runs f.template operator()<D>() for the cache's head_dim (one of kHeadDims).
+template <typename F>
+void with_head_dim(int64_t head_dim, F&& f) {
+  switch (head_dim) {
+    case 16: f.template operator()<16>(); break;
+    case 32: f.template operator()<32>(); break;
+    case 64: f.template operator()<64>(); break;
+    case 128: f.template operator()<128>(); break;
+    case 256: f.template operator()<256>(); break;
+    default: break;  // rejected by plan_attention
+  }
+}
+
 constexpr int64_t kMaxSplits = 64;
 constexpr int64_t kMinSplitKeys = 64;
 
 }  // namespace
+
+bool supported_head_dim(int64_t head_dim) {
+  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256;
+}
 
 SeqBatch make_seq_batch(const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                         const at::Tensor& block_table, int64_t block_size, int64_t num_blocks) {
@@ -219,8 +434,7 @@ void token_positions_and_slots(const SeqBatch& b, int64_t block_size, int64_t* p
 }
 
 AttentionPlan plan_attention(const SeqBatch& b, const AttentionShape& sh, int num_threads) {
-  TORCH_CHECK(sh.head_dim % 16 == 0 && sh.head_dim <= kMaxHeadDim, "head_dim must be a multiple of 16, at most ",
-              kMaxHeadDim);
+  TORCH_CHECK(supported_head_dim(sh.head_dim), "head_dim must be 16, 32, 64, 128 or 256, got ", sh.head_dim);
   TORCH_CHECK(sh.block_size % kKeys == 0, "block_size must be a multiple of ", kKeys);
   const int64_t G = sh.num_heads / sh.num_kv_heads;
   TORCH_CHECK(G >= 1 && G <= kMaxRows && G * sh.num_kv_heads == sh.num_heads,
@@ -263,7 +477,9 @@ void paged_attention(Team& team, const AttentionPlan& plan, const SeqBatch& batc
   const Operands<T> op{batch, shape, q, q_stride, k_cache, v_cache, out, out_stride, partials};
   const int64_t n = int64_t(plan.units.size());
   team.for_each(n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) run_unit(plan.units[i], op);
+    with_head_dim(shape.head_dim, [&]<int D>() {
+      for (int64_t i = begin; i < end; ++i) UnitRunner<T, D>(plan.units[i], op).run();
+    });
   });
   if (plan.merges.empty()) return;
   team.sync();
@@ -274,13 +490,10 @@ void paged_attention(Team& team, const AttentionPlan& plan, const SeqBatch& batc
 
 template <typename T>
 void write_kv_token(const AttentionShape& sh, int64_t slot, const T* k, const T* v, T* k_cache, T* v_cache) {
-  const int64_t D = sh.head_dim, bs = sh.block_size, H = sh.num_kv_heads;
-  const int64_t block = slot / bs, off = slot % bs;
-  for (int64_t h = 0; h < H; ++h) {
-    T* kt = k_cache + (block * H + h) * D * bs + off;
-    for (int64_t d = 0; d < D; ++d) kt[d * bs] = k[h * D + d];
-    std::copy(v + h * D, v + (h + 1) * D, v_cache + ((block * H + h) * bs + off) * D);
-  }
+  with_head_dim(sh.head_dim, [&]<int D>() {
+    CacheLayout<T, D>{sh.block_size, sh.num_kv_heads}.write(slot / sh.block_size, slot % sh.block_size, k, v,
+                                                           k_cache, v_cache);
+  });
 }
 
 #define THRIFTY_INSTANTIATE(T)                                                                              \

@@ -2,10 +2,13 @@
 // prefix-cache hits are the same thing, a sequence whose q_len new tokens attend causally over
 // its seq_len cached ones (the new ones included).
 //
-// Cache layout, per layer (block_size a multiple of 16, head_dim a multiple of 16):
-//   K: [num_blocks, num_kv_heads, head_dim, block_size]  (a block's keys transposed: the scores of
-//      16 keys are 16 lanes, computed by broadcasting q, with no horizontal sums)
-//   V: [num_blocks, num_kv_heads, block_size, head_dim]
+// Cache layout, per layer (block_size a multiple of 16; head_dim 16, 32, 64, 128 or 256). The
+// scores of 16 keys are 16 lanes, computed by broadcasting q, with no horizontal sums:
+//   fp32 K: [num_blocks, num_kv_heads, head_dim, block_size]  (a block's keys transposed)
+//        V: [num_blocks, num_kv_heads, block_size, head_dim]
+//   bf16 K: [num_blocks, num_kv_heads, head_dim / 2, block_size, 2]  (dimension pairs per key)
+//        V: [num_blocks, num_kv_heads, block_size / 2, head_dim, 2]  (key pairs per dimension)
+// The bf16 pairs are what vdpbf16ps multiplies: two products summed into each fp32 lane.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,6 +33,8 @@ struct SeqBatch {
   // Position of the sequence's first new token.
   int64_t first_pos(int64_t s) const { return seq_lens[s] - q_len(s); }
 };
+
+bool supported_head_dim(int64_t head_dim);
 
 SeqBatch make_seq_batch(const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                         const at::Tensor& block_table, int64_t block_size, int64_t num_blocks);

@@ -5,7 +5,21 @@
 // and join plus a few hundred barriers, not a Python dispatch per op.
 #include "model.h"
 
+#include <chrono>
+
 namespace thrifty {
+
+namespace {
+
+double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+constexpr const char* kPhaseNames[] = {"embed", "norm", "qkv_proj", "rope_and_cache", "attention", "o_proj",
+                                       "gate_up_proj", "silu_and_mul", "down_proj", "final_norm", "lm_head",
+                                       "forward"};
+
+}  // namespace
 
 LlamaModel::LlamaModel(int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                        int64_t intermediate_size, int64_t vocab_size, double rms_norm_eps, int64_t block_size)
@@ -15,7 +29,8 @@ LlamaModel::LlamaModel(int64_t hidden_size, int64_t num_heads, int64_t num_kv_he
       eps_(float(rms_norm_eps)),
       shape_{num_heads, num_kv_heads, head_dim, block_size, float(1.0 / std::sqrt(double(head_dim)))} {
   TORCH_CHECK(num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
-  TORCH_CHECK(head_dim % 16 == 0, "the native kernels need head_dim % 16 == 0, got ", head_dim);
+  TORCH_CHECK(supported_head_dim(head_dim), "the native kernels take head_dim 16, 32, 64, 128 or 256, got ",
+              head_dim);
   TORCH_CHECK(block_size % 16 == 0, "the native kernels need block_size % 16 == 0, got ", block_size);
 }
 
@@ -76,11 +91,16 @@ void LlamaModel::set_kv_caches(const std::vector<at::Tensor>& k_caches, const st
   TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one K and V cache per layer");
   const int64_t H = shape_.num_kv_heads, D = shape_.head_dim, bs = shape_.block_size;
   num_blocks_ = k_caches.empty() ? 0 : k_caches[0].size(0);
+  const bool pairs = dtype_ == at::kBFloat16;  // see attention.h
+  const std::vector<int64_t> k_shape = pairs ? std::vector<int64_t>{num_blocks_, H, D / 2, bs, 2}
+                                             : std::vector<int64_t>{num_blocks_, H, D, bs};
+  const std::vector<int64_t> v_shape = pairs ? std::vector<int64_t>{num_blocks_, H, bs / 2, D, 2}
+                                             : std::vector<int64_t>{num_blocks_, H, bs, D};
   for (size_t i = 0; i < k_caches.size(); ++i) {
-    TORCH_CHECK(k_caches[i].sizes() == at::IntArrayRef({num_blocks_, H, D, bs}) && k_caches[i].is_contiguous(),
-                "K cache ", i, ": expected contiguous [num_blocks, num_kv_heads, head_dim, block_size]");
-    TORCH_CHECK(v_caches[i].sizes() == at::IntArrayRef({num_blocks_, H, bs, D}) && v_caches[i].is_contiguous(),
-                "V cache ", i, ": expected contiguous [num_blocks, num_kv_heads, block_size, head_dim]");
+    TORCH_CHECK(k_caches[i].sizes() == at::IntArrayRef(k_shape) && k_caches[i].is_contiguous(), "K cache ", i,
+                ": expected contiguous ", at::IntArrayRef(k_shape), " (attention.h), got ", k_caches[i].sizes());
+    TORCH_CHECK(v_caches[i].sizes() == at::IntArrayRef(v_shape) && v_caches[i].is_contiguous(), "V cache ", i,
+                ": expected contiguous ", at::IntArrayRef(v_shape), " (attention.h), got ", v_caches[i].sizes());
     TORCH_CHECK(k_caches[i].scalar_type() == dtype_ && v_caches[i].scalar_type() == dtype_,
                 "the KV cache must have the model's dtype");
   }
@@ -97,9 +117,21 @@ at::Tensor LlamaModel::buffer(size_t index, int64_t rows, int64_t cols, at::Scal
   return b.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+void LlamaModel::set_profiling(bool on) {
+  profiling_ = on;
+  std::fill(profile_seconds_.begin(), profile_seconds_.end(), 0.0);
+}
+
+c10::Dict<std::string, double> LlamaModel::profile() const {
+  c10::Dict<std::string, double> out;
+  for (int i = 0; i < int(Phase::kNumPhases); ++i) out.insert(kPhaseNames[i], profile_seconds_[i]);
+  return out;
+}
+
 at::Tensor LlamaModel::forward(const at::Tensor& input_ids, const at::Tensor& query_start_loc,
                                const at::Tensor& seq_lens, const at::Tensor& block_table,
                                const at::Tensor& logits_indices) {
+  const double start = profiling_ ? now_seconds() : 0.0;
   TORCH_CHECK(!layers_.empty() && head_.data.defined() && cos_.defined() && !k_caches_.empty(),
               "the model is not complete: add its layers, head, rope tables and KV caches first");
   TORCH_CHECK(input_ids.scalar_type() == at::kLong && input_ids.dim() == 1 && input_ids.is_contiguous(),
@@ -131,6 +163,7 @@ at::Tensor LlamaModel::forward(const at::Tensor& input_ids, const at::Tensor& qu
     TORCH_CHECK(dtype_ == at::kFloat, "the native model runs fp32 or bf16 weights");
     run<float>(ids, T, batch, plan, rope, rows, S, partials.data_ptr<float>(), logits.data_ptr<float>());
   }
+  if (profiling_) profile_seconds_[int(Phase::kForward)] += now_seconds() - start;
   return logits;
 }
 
@@ -157,6 +190,17 @@ void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& bat
   const int num_loops = int(layers_.size()) * 10 + 4;
 
   run_parallel(num_loops, [&](Team& team) {
+    // Thread 0 times each kernel from the barrier before it to the barrier after it.
+    const bool timing = profiling_ && team.tid == 0;
+    double last = timing ? now_seconds() : 0.0;
+    auto sync = [&](Phase phase) {
+      team.sync();
+      if (timing) {
+        const double now = now_seconds();
+        profile_seconds_[int(phase)] += now - last;
+        last = now;
+      }
+    };
     if (embedding != nullptr) {
       team.for_each(n, team.chunk_for(n), [&](int64_t b, int64_t e) {
         for (int64_t t = b; t < e; ++t) std::copy(embedding + ids[t] * H, embedding + (ids[t] + 1) * H, x + t * H);
@@ -164,29 +208,29 @@ void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& bat
     } else {
       gather_rows(team, head_, ids, n, x);
     }
-    team.sync();
+    sync(Phase::kEmbed);
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       T* k_cache = ptr(k_caches_[l]);
       T* v_cache = ptr(v_caches_[l]);
       add_rms_norm(team, x, l == 0 ? nullptr : delta, ptr(L.input_norm), eps_, n, H, h);
-      team.sync();
+      sync(Phase::kNorm);
       linear(team, h, n, H, L.qkv, qkv, qkv_size);
-      team.sync();
+      sync(Phase::kQKVProj);
       rope_and_cache(team, shape_, rope, n, qkv, qkv_size, opt(L.q_norm), opt(L.k_norm), k_cache, v_cache);
-      team.sync();
+      sync(Phase::kRope);
       paged_attention(team, plan, batch, shape_, qkv, qkv_size, k_cache, v_cache, attn, q_size, partials);
-      team.sync();
+      sync(Phase::kAttention);
       linear(team, attn, n, q_size, L.o, delta, H);
-      team.sync();
+      sync(Phase::kOProj);
       add_rms_norm(team, x, delta, ptr(L.post_norm), eps_, n, H, h);
-      team.sync();
+      sync(Phase::kNorm);
       linear(team, h, n, H, L.gate_up, gate_up, 2 * I);
-      team.sync();
+      sync(Phase::kGateUpProj);
       silu_and_mul(team, gate_up, n, I, act);
-      team.sync();
+      sync(Phase::kSiluMul);
       linear(team, act, n, I, L.down, delta, H);
-      team.sync();
+      sync(Phase::kDownProj);
     }
     // Only the rows that sample need the last residual add, the final norm and the head.
     team.for_each(num_logits, 1, [&](int64_t b, int64_t e) {
@@ -196,8 +240,9 @@ void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& bat
         add_rms_norm_row(final_x + i * H, delta + r * H, ptr(final_norm_), eps_, H, final_rows + i * H);
       }
     });
-    team.sync();
+    sync(Phase::kFinalNorm);
     linear(team, final_rows, num_logits, H, head_, logits, vocab_, std::is_same_v<T, bf16>);
+    sync(Phase::kLMHead);
   });
 }
 

@@ -31,11 +31,19 @@ class LlamaModel : public torch::CustomClassHolder {
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                      const at::Tensor& block_table, const at::Tensor& logits_indices);
 
+  // Wall time per kind of kernel, summed over forward calls while profiling is on (thread 0's
+  // clock from one barrier to the next, so a kernel's time includes waiting for its slowest
+  // thread). Keys: the Phase names below, plus "forward" (whole calls, checks included).
+  void set_profiling(bool on);
+  c10::Dict<std::string, double> profile() const;
+
  private:
   struct Layer {
     at::Tensor input_norm, post_norm, q_norm, k_norm;
     PackedLinear qkv, o, gate_up, down;
   };
+  enum class Phase : int { kEmbed, kNorm, kQKVProj, kRope, kAttention, kOProj, kGateUpProj, kSiluMul, kDownProj,
+                     kFinalNorm, kLMHead, kForward, kNumPhases };
   enum Buffer : size_t {
     kPositions, kSlots, kPartials, kLogits, kResidual, kNormed, kDelta, kQKV, kAttention, kGateUp, kActivation,
     kFinal, kFinalResidual,
@@ -59,6 +67,8 @@ class LlamaModel : public torch::CustomClassHolder {
   std::vector<at::Tensor> k_caches_, v_caches_;
   int64_t num_blocks_ = 0;
   std::vector<at::Tensor> buffers_;
+  bool profiling_ = false;
+  std::vector<double> profile_seconds_ = std::vector<double>(int(Phase::kNumPhases), 0.0);
 };
 
 }  // namespace thrifty

@@ -45,11 +45,17 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const c10::o
   return y;
 }
 
+// The shape of a step over a cache in attention.h's layout for the dtype (bf16: pairs).
 AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k_cache, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: expected contiguous [num_tokens, num_heads, head_dim]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous(), "k_cache: expected [blocks, kv_heads, head_dim, block]");
-  TORCH_CHECK(k_cache.size(2) == q.size(2), "q and the cache disagree on head_dim");
-  return {q.size(1), k_cache.size(1), q.size(2), k_cache.size(3), float(scale)};
+  const bool pairs = k_cache.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(k_cache.dim() == (pairs ? 5 : 4) && k_cache.is_contiguous(),
+              "k_cache: expected attention.h's layout, [blocks, kv_heads, head_dim, block] (fp32) or "
+              "[blocks, kv_heads, head_dim / 2, block, 2] (bf16)");
+  const int64_t head_dim = pairs ? k_cache.size(2) * 2 : k_cache.size(2);
+  TORCH_CHECK(head_dim == q.size(2), "q and the cache disagree on head_dim");
+  TORCH_CHECK(supported_head_dim(head_dim), "head_dim must be 16, 32, 64, 128 or 256");
+  return {q.size(1), k_cache.size(1), head_dim, k_cache.size(3), float(scale)};
 }
 
 at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -138,7 +144,9 @@ TORCH_LIBRARY(thrifty, m) {
       .def("set_head", &LlamaModel::set_head)
       .def("set_rope", &LlamaModel::set_rope)
       .def("set_kv_caches", &LlamaModel::set_kv_caches)
-      .def("forward", &LlamaModel::forward);
+      .def("forward", &LlamaModel::forward)
+      .def("set_profiling", &LlamaModel::set_profiling)
+      .def("profile", &LlamaModel::profile);
 }
 
 }  // namespace thrifty

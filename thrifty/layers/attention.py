@@ -1,9 +1,11 @@
 """Attention over the paged KV cache in plain torch: the reference path (and the CUDA path).
 
 The cache layout is the native kernels' (csrc/cpu/attention.h), so either path can run over the
-same cache. Per layer:
-- K: [num_blocks, num_kv_heads, head_dim, block_size]  (each block's keys transposed)
-- V: [num_blocks, num_kv_heads, block_size, head_dim]
+same cache. Per layer (kv_cache_shapes):
+- fp32 K: [num_blocks, num_kv_heads, head_dim, block_size]  (each block's keys transposed)
+       V: [num_blocks, num_kv_heads, block_size, head_dim]
+- bf16 K: [num_blocks, num_kv_heads, head_dim / 2, block_size, 2]  (dimension pairs per key)
+       V: [num_blocks, num_kv_heads, block_size / 2, head_dim, 2]  (key pairs per dimension)
 The runner reserves one extra block, the null block, that pads block tables and is never handed
 out. A step's tokens are flat: the sequences computing one token (decodes) come first, then the
 ones computing several (prefill chunks). The step writes its new K/V into their slots, then:
@@ -91,23 +93,47 @@ class AttentionMetadata:
         return cls(slot_mapping, nd, block_tables, mask, fresh, seqs)
 
 
+def kv_cache_shapes(num_blocks: int, num_kv_heads: int, head_dim: int, block_size: int,
+                    dtype: torch.dtype) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of one layer's K and V caches (the layout above)."""
+    if dtype == torch.bfloat16:
+        return ((num_blocks, num_kv_heads, head_dim // 2, block_size, 2),
+                (num_blocks, num_kv_heads, block_size // 2, head_dim, 2))
+    return (num_blocks, num_kv_heads, head_dim, block_size), (num_blocks, num_kv_heads, block_size, head_dim)
+
+
+def _block_size(k_cache: torch.Tensor) -> int:
+    return k_cache.shape[3]
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k, v: [num_tokens, num_kv_heads, head_dim] into their slots."""
-    bs = k_cache.shape[-1]
+    bs = _block_size(k_cache)
     blocks, offsets = slot_mapping // bs, slot_mapping % bs
-    k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
-    v_cache[blocks, :, offsets] = v.to(v_cache.dtype)
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    if k_cache.dim() == 5:  # pairs
+        k_cache[blocks, :, :, offsets] = k.view(*k.shape[:2], -1, 2)
+        v_cache[blocks, :, offsets // 2, :, offsets % 2] = v
+    else:
+        k_cache[blocks, :, :, offsets] = k
+        v_cache[blocks, :, offsets] = v
 
 
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks' keys and values as [..., num_kv_heads, tokens, head_dim] (block_ids [..., n])."""
+    k, v = k_cache[block_ids], v_cache[block_ids]  # [..., n, H, <block in the layout>]
+    if k_cache.dim() == 5:  # pairs: [D/2, bs, 2] and [bs/2, D, 2] -> [bs, D]
+        k = k.transpose(-2, -3).flatten(-2)
+        v = v.transpose(-1, -2).flatten(-3, -2)
+    else:  # [D, bs] and [bs, D] -> [bs, D]
+        k = k.transpose(-1, -2)
     lead = block_ids.dim() - 1  # batch dims before the block dim
-    k = k_cache[block_ids].transpose(-1, -2)  # [..., n, H, bs, D]
-    v = v_cache[block_ids]
+
     def merge(t: torch.Tensor) -> torch.Tensor:
         t = t.movedim(lead, lead + 1)  # [..., H, n, bs, D]
         return t.reshape(*t.shape[: lead + 1], -1, t.shape[-1])
+
     return merge(k), merge(v)
 
 

@@ -17,8 +17,8 @@ def native_unsupported_reason(model: LlamaForCausalLM, dtype: torch.dtype, devic
         return f"device {device} (the native kernels are for CPUs)"
     if dtype not in (torch.float32, torch.bfloat16):
         return f"dtype {dtype}"
-    if cfg.head_dim % 16 or cfg.head_dim > 256:
-        return f"head_dim {cfg.head_dim} (needs a multiple of 16, at most 256)"
+    if cfg.head_dim not in (16, 32, 64, 128, 256):
+        return f"head_dim {cfg.head_dim} (the kernels take 16, 32, 64, 128 or 256)"
     if block_size % 16:
         return f"block_size {block_size} (needs a multiple of 16)"
     if cfg.num_attention_heads // cfg.num_key_value_heads > 16:

@@ -16,7 +16,7 @@ import torch
 
 from thrifty.core.kv_cache_manager import cdiv
 from thrifty.core.scheduler import SchedulerOutput
-from thrifty.layers.attention import AttentionMetadata
+from thrifty.layers.attention import AttentionMetadata, kv_cache_shapes
 from thrifty.layers.sampler import Sampler, SamplingInput
 from thrifty.model.llama import LlamaForCausalLM
 from thrifty.sampling_params import SamplingParams
@@ -121,8 +121,7 @@ class ModelRunner:
         cfg = model.config
         # One block more than the pool hands out: the null block pads block tables.
         self.null_block = num_blocks
-        k_shape = (num_blocks + 1, cfg.num_key_value_heads, cfg.head_dim, block_size)
-        v_shape = (num_blocks + 1, cfg.num_key_value_heads, block_size, cfg.head_dim)
+        k_shape, v_shape = kv_cache_shapes(num_blocks + 1, cfg.num_key_value_heads, cfg.head_dim, block_size, dtype)
         # Zeroed, not empty: slots past a sequence's end are read (with zero weight) by the
         # reference attention, and 0 * NaN garbage would poison the output.
         self.k_caches = [torch.zeros(k_shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
