@@ -125,3 +125,13 @@ def test_cli_generate_and_bench_throughput(tmp_path):
     assert result["num_prompts"] == 4 and 0 <= result["kv_waste_frac"] < 1 and result["kv_blocks_peak"] > 0
     bad = _cli("generate", "--model", "/no/such/model")
     assert bad.returncode == 2 and "model" in bad.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["bench", "serve", "--help"], ["cost", "prices"], ["serve", "--help"]])
+def test_cli_help_and_cost_tools_do_not_import_torch(args):
+    code = ("import sys; from thrifty.entrypoints.cli import main\n"
+            f"sys.argv = ['thrifty'] + {args!r}\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

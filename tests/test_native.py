@@ -221,6 +221,30 @@ def test_rms_norm_and_silu_match_the_reference_layers(dtype):
         assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6) and torch.allclose(silu, ref_silu, rtol=1e-5, atol=1e-6)
 
 
+def test_argmax_logprob_matches_torch():
+    torch.manual_seed(0)
+    logits = torch.randn(9, 49152) * 4
+    logits[3, 100] = logits[3, 7] = 50.0  # a tie: the first index wins, as in torch.argmax
+    ids, logprobs = torch.ops.thrifty.argmax_logprob(logits)
+    assert torch.equal(ids, logits.argmax(-1)) and ids[3] == 7
+    ref = logits.log_softmax(-1).gather(1, ids[:, None]).squeeze(1)
+    assert torch.allclose(logprobs, ref, atol=1e-5)
+
+
+def test_greedy_sampler_uses_the_native_pass_and_agrees():
+    from thrifty.layers.sampler import Sampler, SamplingInput
+    from thrifty.sampling_params import SamplingParams
+
+    torch.manual_seed(1)
+    logits = torch.randn(4, 1000) * 3
+    inputs = [SamplingInput(SamplingParams(temperature=0), [1], [], None) for _ in range(4)]
+    fast = Sampler(0)(logits, inputs)
+    with_logprobs = Sampler(0)(logits, [SamplingInput(SamplingParams(temperature=0, logprobs=2), [1], [], None)] * 4)
+    assert fast.token_ids == with_logprobs.token_ids == logits.argmax(-1).tolist()
+    assert fast.logprobs == pytest.approx(with_logprobs.logprobs, abs=1e-5)
+    assert fast.top_logprobs == [None] * 4
+
+
 # -- whole engines -------------------------------------------------------------------------------
 
 MAX_LEN = 256

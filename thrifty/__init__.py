@@ -7,9 +7,23 @@ import os
 # here. Only effective if set before torch is first imported; the user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from thrifty.entrypoints.llm import LLM  # noqa: E402
-from thrifty.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from thrifty.sampling_params import SamplingParams  # noqa: E402
-
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that `thrifty --help`, the cost tools and the load generator
+    # start without importing torch.
+    if name == "LLM":
+        from thrifty.entrypoints.llm import LLM
+
+        return LLM
+    if name in ("CompletionOutput", "RequestOutput"):
+        from thrifty import outputs
+
+        return getattr(outputs, name)
+    if name == "SamplingParams":
+        from thrifty.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'thrifty' has no attribute {name!r}")

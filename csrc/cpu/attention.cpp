@@ -103,14 +103,20 @@ inline void load_pairs(const bf16* p, FVec& first, FVec& second) {
 #endif
 }
 
-// The per-dtype inner loops over one chunk: scores of RG rows (QK) and their weighted values (PV).
-// q holds the rows' queries as the variant wants them (see prepare_queries); p the rows'
-// probabilities for the chunk's keys (fp32, 16 per row; zero past the valid keys).
+// Keys are taken kBlockChunks chunks (64 keys) at a time. Multiply-adds into one accumulator
+// wait for each other (about 5 cycles apart), so a group of rows walks the block's chunks side by
+// side: its scores keep rows x chunks accumulators in flight, its outputs rows x D/16.
+constexpr int kBlockChunks = 4;
+
+// The per-dtype inner loops over a block of chunks: scores of RG rows (QK) and their weighted
+// values (PV). Queries hold the rows' queries as the variant wants them; p the rows'
+// probabilities for the block's keys (fp32, 16 per chunk; zero past the valid keys); o the rows'
+// outputs so far, in memory, each D floats.
 template <typename T, int D>
-struct ChunkMath;
+struct BlockMath;
 
 template <int D>
-struct ChunkMath<float, D> {
+struct BlockMath<float, D> {
   static constexpr int VD = D / FVec::N;
   struct Queries { float q[kMaxRows][D]; };  // scaled
   static void prepare(Queries& qs, int r, const float* src, float scale) {
@@ -118,29 +124,40 @@ struct ChunkMath<float, D> {
   }
   static constexpr bool kScaleScores = false;
   template <int RG>
-  static void scores(const Queries& qs, int r0, const Chunk<float>& c, int64_t bs, FVec (&s)[RG][kKeyVecs]) {
+  static void scores(const Queries& qs, int r0, const Chunk<float> (&c)[kBlockChunks], int64_t bs,
+                     FVec (&s)[kBlockChunks][RG][kKeyVecs]) {
     for (int d = 0; d < D; ++d) {
-      FVec k[kKeyVecs];
-      for (int v = 0; v < kKeyVecs; ++v) k[v] = FVec::load(c.k + d * bs + v * FVec::N);
+      FVec k[kBlockChunks][kKeyVecs];
+      for (int b = 0; b < kBlockChunks; ++b)
+        for (int v = 0; v < kKeyVecs; ++v) k[b][v] = FVec::load(c[b].k + d * bs + v * FVec::N);
       for (int r = 0; r < RG; ++r) {
-        const FVec b(qs.q[r0 + r][d]);
-        for (int v = 0; v < kKeyVecs; ++v) s[r][v] = FVec::fma(b, k[v], s[r][v]);
+        const FVec q(qs.q[r0 + r][d]);
+        for (int b = 0; b < kBlockChunks; ++b)
+          for (int v = 0; v < kKeyVecs; ++v) s[b][r][v] = FVec::fma(q, k[b][v], s[b][r][v]);
       }
     }
   }
   template <int RG>
-  static void values(const float (*p)[kKeys], int64_t valid, const Chunk<float>& c, FVec (&o)[RG][VD]) {
-    for (int64_t j = 0; j < valid; ++j) {
-      for (int v = 0; v < VD; ++v) {
-        const FVec x = FVec::load(c.v + j * D + v * FVec::N);
-        for (int r = 0; r < RG; ++r) o[r][v] = FVec::fma(FVec(p[r][j]), x, o[r][v]);
+  static void values(const float (*p)[kBlockChunks * kKeys], const int64_t (&valid)[kBlockChunks],
+                     const Chunk<float> (&c)[kBlockChunks], float* const* o) {
+    FVec acc[RG][VD];
+    for (int r = 0; r < RG; ++r)
+      for (int v = 0; v < VD; ++v) acc[r][v] = FVec::load(o[r] + v * FVec::N);
+    for (int b = 0; b < kBlockChunks; ++b) {
+      for (int64_t j = 0; j < valid[b]; ++j) {
+        for (int v = 0; v < VD; ++v) {
+          const FVec x = FVec::load(c[b].v + j * D + v * FVec::N);
+          for (int r = 0; r < RG; ++r) acc[r][v] = FVec::fma(FVec(p[r][b * kKeys + j]), x, acc[r][v]);
+        }
       }
     }
+    for (int r = 0; r < RG; ++r)
+      for (int v = 0; v < VD; ++v) acc[r][v].store(o[r] + v * FVec::N);
   }
 };
 
 template <int D>
-struct ChunkMath<bf16, D> {
+struct BlockMath<bf16, D> {
   static constexpr int VD = D / FVec::N;
 #if defined(THRIFTY_AVX512BF16)
   // Queries stay bf16 pairs (one 32-bit broadcast per pair); the scale is applied to the scores.
@@ -148,26 +165,40 @@ struct ChunkMath<bf16, D> {
   static void prepare(Queries& qs, int r, const bf16* src, float) { std::memcpy(qs.pairs[r], src, D * sizeof(bf16)); }
   static constexpr bool kScaleScores = true;
   template <int RG>
-  static void scores(const Queries& qs, int r0, const Chunk<bf16>& c, int64_t bs, FVec (&s)[RG][kKeyVecs]) {
+  static void scores(const Queries& qs, int r0, const Chunk<bf16> (&c)[kBlockChunks], int64_t bs,
+                     FVec (&s)[kBlockChunks][RG][kKeyVecs]) {
     for (int dp = 0; dp < D / 2; ++dp) {
-      const __m512i k = _mm512_loadu_si512(c.k + dp * bs * 2);
-      for (int r = 0; r < RG; ++r)
-        s[r][0].v = _mm512_dpbf16_ps(s[r][0].v, (__m512bh)_mm512_set1_epi32(qs.pairs[r0 + r][dp]), (__m512bh)k);
+      __m512i k[kBlockChunks];
+      for (int b = 0; b < kBlockChunks; ++b) k[b] = _mm512_loadu_si512(c[b].k + dp * bs * 2);
+      for (int r = 0; r < RG; ++r) {
+        const __m512bh q = (__m512bh)_mm512_set1_epi32(qs.pairs[r0 + r][dp]);
+        for (int b = 0; b < kBlockChunks; ++b) s[b][r][0].v = _mm512_dpbf16_ps(s[b][r][0].v, q, (__m512bh)k[b]);
+      }
     }
   }
   template <int RG>
-  static void values(const float (*p)[kKeys], int64_t valid, const Chunk<bf16>& c, FVec (&o)[RG][VD]) {
-    int32_t pp[RG][kKeys / 2];  // each row's probabilities as bf16 pairs of keys
+  static void values(const float (*p)[kBlockChunks * kKeys], const int64_t (&valid)[kBlockChunks],
+                     const Chunk<bf16> (&c)[kBlockChunks], float* const* o) {
+    int32_t pp[RG][kBlockChunks * kKeys / 2];  // each row's probabilities as bf16 pairs of keys
     for (int r = 0; r < RG; ++r)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp[r]), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p[r])));
-    const int64_t pairs = (valid + 1) / 2;
-    for (int64_t jp = 0; jp < pairs; ++jp) {
-      for (int v = 0; v < VD; ++v) {
-        const __m512i x = _mm512_loadu_si512(c.v + (jp * D + v * 16) * 2);
-        for (int r = 0; r < RG; ++r)
-          o[r][v].v = _mm512_dpbf16_ps(o[r][v].v, (__m512bh)_mm512_set1_epi32(pp[r][jp]), (__m512bh)x);
+      for (int b = 0; b < kBlockChunks; ++b)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pp[r] + b * kKeys / 2),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p[r] + b * kKeys)));
+    __m512 acc[RG][VD];
+    for (int r = 0; r < RG; ++r)
+      for (int v = 0; v < VD; ++v) acc[r][v] = _mm512_loadu_ps(o[r] + v * 16);
+    for (int b = 0; b < kBlockChunks; ++b) {
+      for (int64_t jp = 0; jp < (valid[b] + 1) / 2; ++jp) {
+        __m512i x[VD];
+        for (int v = 0; v < VD; ++v) x[v] = _mm512_loadu_si512(c[b].v + (jp * D + v * 16) * 2);
+        for (int r = 0; r < RG; ++r) {
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(pp[r][b * kKeys / 2 + jp]);
+          for (int v = 0; v < VD; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], w, (__m512bh)x[v]);
+        }
       }
     }
+    for (int r = 0; r < RG; ++r)
+      for (int v = 0; v < VD; ++v) _mm512_storeu_ps(o[r] + v * 16, acc[r][v]);
   }
 #else
   // Queries widened to fp32 and scaled; each pair of the cache widened to two fp32 vectors.
@@ -177,31 +208,42 @@ struct ChunkMath<bf16, D> {
   }
   static constexpr bool kScaleScores = false;
   template <int RG>
-  static void scores(const Queries& qs, int r0, const Chunk<bf16>& c, int64_t bs, FVec (&s)[RG][kKeyVecs]) {
+  static void scores(const Queries& qs, int r0, const Chunk<bf16> (&c)[kBlockChunks], int64_t bs,
+                     FVec (&s)[kBlockChunks][RG][kKeyVecs]) {
     for (int dp = 0; dp < D / 2; ++dp) {
-      FVec even[kKeyVecs], odd[kKeyVecs];
-      for (int v = 0; v < kKeyVecs; ++v) load_pairs(c.k + (dp * bs + v * FVec::N) * 2, even[v], odd[v]);
+      FVec even[kBlockChunks][kKeyVecs], odd[kBlockChunks][kKeyVecs];
+      for (int b = 0; b < kBlockChunks; ++b)
+        for (int v = 0; v < kKeyVecs; ++v) load_pairs(c[b].k + (dp * bs + v * FVec::N) * 2, even[b][v], odd[b][v]);
       for (int r = 0; r < RG; ++r) {
-        const FVec b0(qs.q[r0 + r][2 * dp]), b1(qs.q[r0 + r][2 * dp + 1]);
-        for (int v = 0; v < kKeyVecs; ++v) s[r][v] = FVec::fma(b1, odd[v], FVec::fma(b0, even[v], s[r][v]));
+        const FVec q0(qs.q[r0 + r][2 * dp]), q1(qs.q[r0 + r][2 * dp + 1]);
+        for (int b = 0; b < kBlockChunks; ++b)
+          for (int v = 0; v < kKeyVecs; ++v)
+            s[b][r][v] = FVec::fma(q1, odd[b][v], FVec::fma(q0, even[b][v], s[b][r][v]));
       }
     }
   }
   template <int RG>
-  static void values(const float (*p)[kKeys], int64_t valid, const Chunk<bf16>& c, FVec (&o)[RG][VD]) {
-    const int64_t pairs = (valid + 1) / 2;
-    for (int64_t jp = 0; jp < pairs; ++jp) {
-      for (int v = 0; v < VD; ++v) {
-        FVec first, second;
-        load_pairs(c.v + (jp * D + v * FVec::N) * 2, first, second);
-        for (int r = 0; r < RG; ++r)
-          o[r][v] = FVec::fma(FVec(p[r][2 * jp + 1]), second, FVec::fma(FVec(p[r][2 * jp]), first, o[r][v]));
+  static void values(const float (*p)[kBlockChunks * kKeys], const int64_t (&valid)[kBlockChunks],
+                     const Chunk<bf16> (&c)[kBlockChunks], float* const* o) {
+    FVec acc[RG][VD];
+    for (int r = 0; r < RG; ++r)
+      for (int v = 0; v < VD; ++v) acc[r][v] = FVec::load(o[r] + v * FVec::N);
+    for (int b = 0; b < kBlockChunks; ++b) {
+      for (int64_t jp = 0; jp < (valid[b] + 1) / 2; ++jp) {
+        for (int v = 0; v < VD; ++v) {
+          FVec first, second;
+          load_pairs(c[b].v + (jp * D + v * FVec::N) * 2, first, second);
+          for (int r = 0; r < RG; ++r)
+            acc[r][v] = FVec::fma(FVec(p[r][b * kKeys + 2 * jp + 1]), second,
+                                  FVec::fma(FVec(p[r][b * kKeys + 2 * jp]), first, acc[r][v]));
+        }
       }
     }
+    for (int r = 0; r < RG; ++r)
+      for (int v = 0; v < VD; ++v) acc[r][v].store(o[r] + v * FVec::N);
   }
 #endif
 };
-
 
 template <typename T>
 struct Operands {
@@ -218,10 +260,10 @@ struct Operands {
 
 template <typename T, int D>
 class UnitRunner {
-  using Math = ChunkMath<T, D>;
-  static constexpr int VD = Math::VD;
-  // Rows per group: as many as keep their outputs (VD vectors each) in half the registers.
-  static constexpr int RG = std::max(1, std::min(4, kVectorRegisters / 2 / VD));
+  using Math = BlockMath<T, D>;
+  // Rows per group: their scores for a block of keys, or their outputs, in half the registers.
+  static constexpr int RG =
+      std::max(1, std::min(4, kVectorRegisters / 2 / std::max(Math::VD, kBlockChunks * kKeyVecs)));
 
  public:
   UnitRunner(const AttentionUnit& u, const Operands<T>& op) : u_(u), op_(op) {
@@ -254,83 +296,96 @@ class UnitRunner {
   }
 
  private:
+  // A block's scores for the rows at once, then one softmax update per row (one max, one
+  // correction), then the block's values.
   template <int R>
   void run_rows(int r0) {
-    FVec o[R][VD];
+    alignas(64) float o[R][D];
     float m[R], l[R];
+    float* orow[R];
     for (int r = 0; r < R; ++r) {
-      for (auto& v : o[r]) v = FVec::zero();
+      std::fill(o[r], o[r] + D, 0.f);
+      orow[r] = o[r];
       m[r] = kNegInf;
       l[r] = 0.f;
     }
     const int64_t bs = op_.shape.block_size;
     const int32_t* blocks = op_.batch.block_table + u_.seq * op_.batch.block_table_stride;
-    alignas(64) float p[R][kKeys];
-    for (int64_t c0 = u_.key_begin; c0 < key_end_; c0 += kKeys) {
-      const Chunk<T> c = layout_.chunk(op_.k_cache, op_.v_cache, blocks[c0 / bs], u_.kv_head, c0 % bs);
-      const int64_t ahead = c0 + std::max(bs, kPrefetchKeys);
-      if (c0 % bs == 0 && ahead < key_end_) {  // entering a block: fetch a later one whole
-        const Chunk<T> next = layout_.chunk(op_.k_cache, op_.v_cache, blocks[ahead / bs], u_.kv_head, 0);
-        prefetch(next.k, D * bs * int64_t(sizeof(T)));
-        prefetch(next.v, D * bs * int64_t(sizeof(T)));
-      }
-      FVec s[R][kKeyVecs];
-      for (auto& row : s) for (auto& v : row) v = FVec::zero();
-      Math::template scores<R>(queries_, r0, c, bs, s);
-      int64_t valid_max = 0;
-      bool skip[R];
-      float correction[R];
-      for (int r = 0; r < R; ++r) {
-        const int64_t valid = std::min<int64_t>(kKeys, row_end_[r0 + r] - c0);
-        skip[r] = valid <= 0;
-        if (skip[r]) {
-          std::fill(p[r], p[r] + kKeys, 0.f);
-          correction[r] = 1.f;
+    alignas(64) float p[R][kBlockChunks * kKeys];
+    for (int64_t b0 = u_.key_begin; b0 < key_end_; b0 += kBlockChunks * kKeys) {
+      // Chunks past the keys (the last block of a sequence) repeat the first: their scores are
+      // computed and masked out, which keeps the loops above of fixed length.
+      Chunk<T> chunks[kBlockChunks];
+      for (int c = 0; c < kBlockChunks; ++c) {
+        const int64_t c0 = b0 + c * kKeys;
+        if (c0 >= key_end_) {
+          chunks[c] = chunks[0];
           continue;
         }
-        valid_max = std::max(valid_max, valid);
-        // Lanes past the row's last key: mask 0, score -1e30 (finite: no inf - inf below).
-        FVec chunk_max(kNegInf);
-        FVec masked[kKeyVecs];
-        for (int v = 0; v < kKeyVecs; ++v) {
-          const FVec mask = FVec::load(kMaskTable + kKeys - valid + v * FVec::N);
-          FVec sv = s[r][v];
-          if constexpr (Math::kScaleScores) sv = sv * FVec(op_.shape.scale);
-          masked[v] = FVec::fma(sv, mask, (mask - FVec(1.f)) * FVec(1e30f));
-          chunk_max = FVec::max(chunk_max, masked[v]);
+        chunks[c] = layout_.chunk(op_.k_cache, op_.v_cache, blocks[c0 / bs], u_.kv_head, c0 % bs);
+        const int64_t ahead = c0 + std::max(bs, kPrefetchKeys);
+        if (c0 % bs == 0 && ahead < key_end_) {  // entering a block: fetch a later one whole
+          const Chunk<T> next = layout_.chunk(op_.k_cache, op_.v_cache, blocks[ahead / bs], u_.kv_head, 0);
+          prefetch(next.k, D * bs * int64_t(sizeof(T)));
+          prefetch(next.v, D * bs * int64_t(sizeof(T)));
         }
-        const float m_new = std::max(m[r], chunk_max.reduce_max());
-        correction[r] = std::exp(m[r] - m_new);
-        FVec sum = FVec::zero();
-        for (int v = 0; v < kKeyVecs; ++v) {
-          const FVec mask = FVec::load(kMaskTable + kKeys - valid + v * FVec::N);
-          const FVec pv = exp(masked[v] - FVec(m_new)) * mask;
-          pv.store(p[r] + v * FVec::N);
-          sum = sum + pv;
-        }
-        l[r] = l[r] * correction[r] + sum.reduce_add();
-        m[r] = m_new;
       }
-      if (valid_max == 0) continue;
-      for (int r = 0; r < R; ++r)
-        if (correction[r] != 1.f)
-          for (auto& v : o[r]) v = v * FVec(correction[r]);
-      Math::template values<R>(p, valid_max, c, o);
+      FVec s[kBlockChunks][R][kKeyVecs];
+      for (auto& chunk : s) for (auto& row : chunk) for (auto& v : row) v = FVec::zero();
+      Math::template scores<R>(queries_, r0, chunks, bs, s);
+      int64_t valid_max[kBlockChunks] = {};
+      for (int r = 0; r < R; ++r) {
+        const int64_t row_valid = row_end_[r0 + r] - b0;  // keys of the block this row may see
+        if (row_valid <= 0) {
+          std::fill(p[r], p[r] + kBlockChunks * kKeys, 0.f);
+          continue;
+        }
+        // Lanes past the row's last key: mask 0, score -1e30 (finite: no inf - inf below).
+        FVec block_max(kNegInf);
+        for (int c = 0; c < kBlockChunks; ++c) {
+          const int64_t valid = std::clamp<int64_t>(row_valid - c * kKeys, 0, kKeys);
+          valid_max[c] = std::max(valid_max[c], valid);
+          for (int v = 0; v < kKeyVecs; ++v) {
+            const FVec mask = FVec::load(kMaskTable + kKeys - valid + v * FVec::N);
+            FVec sv = s[c][r][v];
+            if constexpr (Math::kScaleScores) sv = sv * FVec(op_.shape.scale);
+            s[c][r][v] = FVec::fma(sv, mask, (mask - FVec(1.f)) * FVec(1e30f));
+            block_max = FVec::max(block_max, s[c][r][v]);
+          }
+        }
+        const float m_new = std::max(m[r], block_max.reduce_max());
+        const float correction = std::exp(m[r] - m_new);
+        FVec sum = FVec::zero();
+        for (int c = 0; c < kBlockChunks; ++c) {
+          const int64_t valid = std::clamp<int64_t>(row_valid - c * kKeys, 0, kKeys);
+          for (int v = 0; v < kKeyVecs; ++v) {
+            const FVec mask = FVec::load(kMaskTable + kKeys - valid + v * FVec::N);
+            const FVec pv = exp(s[c][r][v] - FVec(m_new)) * mask;
+            pv.store(p[r] + c * kKeys + v * FVec::N);
+            sum = sum + pv;
+          }
+        }
+        l[r] = l[r] * correction + sum.reduce_add();
+        m[r] = m_new;
+        if (correction != 1.f)
+          for (int d = 0; d < D; d += FVec::N) (FVec::load(o[r] + d) * FVec(correction)).store(o[r] + d);
+      }
+      Math::template values<R>(p, valid_max, chunks, orow);
     }
     finish<R>(r0, o, m, l);
   }
 
   template <int R>
-  void finish(int r0, FVec (&o)[R][VD], const float* m, const float* l) {
+  void finish(int r0, const float (&o)[R][D], const float* m, const float* l) {
     for (int r = 0; r < R; ++r) {
       const int64_t row = r0 + r, token = u_.token_begin + row / G_, head = u_.kv_head * G_ + row % G_;
       if (u_.partial < 0) {
         T* dst = op_.out + token * op_.out_stride + head * D;
         const FVec inv(l[r] > 0.f ? 1.f / l[r] : 0.f);
-        for (int v = 0; v < VD; ++v) (o[r][v] * inv).store(dst + v * FVec::N);
+        for (int d = 0; d < D; d += FVec::N) (FVec::load(o[r] + d) * inv).store(dst + d);
       } else {  // a split decode: unnormalized output, then max and sum per head
         float* part = op_.partials + u_.partial * (G_ * D + 2 * G_);
-        for (int v = 0; v < VD; ++v) o[r][v].store(part + (row % G_) * D + v * FVec::N);
+        std::copy(o[r], o[r] + D, part + (row % G_) * D);
         part[G_ * D + row % G_] = m[r];
         part[G_ * D + G_ + row % G_] = l[r];
       }

@@ -1,6 +1,7 @@
 #include "pointwise.h"
 
 #include <cmath>
+#include <limits>
 
 namespace thrifty {
 namespace {
@@ -108,6 +109,28 @@ void silu_and_mul(Team& team, const T* gate_up, int64_t rows, int64_t dim, T* ou
         const float x = to_float(g[i]);
         store_scalar(o + i, round_to(x / (1.f + std::exp(-x)), g) * to_float(u[i]));
       }
+    }
+  });
+}
+
+void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab, int64_t* ids, float* logprobs) {
+  team.for_each(rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = logits + r * vocab;
+      int64_t i = 0;
+      FVec vmax(-std::numeric_limits<float>::infinity());
+      for (; i + FVec::N <= vocab; i += FVec::N) vmax = FVec::max(vmax, FVec::load(x + i));
+      float best = vmax.reduce_max();
+      for (; i < vocab; ++i) best = std::max(best, x[i]);
+      int64_t index = 0;
+      while (index < vocab && x[index] != best) ++index;
+      FVec sum = FVec::zero();
+      i = 0;
+      for (; i + FVec::N <= vocab; i += FVec::N) sum = sum + exp(FVec::load(x + i) - FVec(best));
+      float total = sum.reduce_add();
+      for (; i < vocab; ++i) total += std::exp(x[i] - best);
+      ids[r] = index < vocab ? index : 0;
+      logprobs[r] = -std::log(total);
     }
   });
 }

@@ -32,6 +32,10 @@ template <typename T>
 void rope_and_cache(Team& team, const AttentionShape& shape, const RopeArgs& args, int64_t num_tokens, T* qkv,
                     int64_t stride, const T* q_norm, const T* k_norm, T* k_cache, T* v_cache);
 
+// For each row of logits: the first index of its largest value (torch.argmax's choice) and that
+// value's log-softmax, in one read of the row for the max, one for the index, one for the sum.
+void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab, int64_t* ids, float* logprobs);
+
 // out[r, i] = silu(gate_up[r, i]) * gate_up[r, dim + i].
 template <typename T>
 void silu_and_mul(Team& team, const T* gate_up, int64_t rows, int64_t dim, T* out);

@@ -125,6 +125,17 @@ at::Tensor silu_and_mul_op(const at::Tensor& gate_up) {
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> argmax_logprob_op(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "argmax_logprob: fp32 logits [rows, vocab]");
+  at::Tensor x = logits.contiguous();
+  at::Tensor ids = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  at::Tensor logprobs = at::empty({x.size(0)}, x.options());
+  run_parallel(1, [&](Team& team) {
+    argmax_logprob(team, x.data_ptr<float>(), x.size(0), x.size(1), ids.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+  });
+  return {ids, logprobs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(thrifty, m) {
@@ -138,6 +149,7 @@ TORCH_LIBRARY(thrifty, m) {
         &write_kv_op);
   m.def("rms_norm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)", &rms_norm_op);
   m.def("silu_and_mul(Tensor gate_up) -> Tensor", &silu_and_mul_op);
+  m.def("argmax_logprob(Tensor logits) -> (Tensor, Tensor)", &argmax_logprob_op);
   m.class_<LlamaModel>("LlamaModel")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t>())
       .def("add_layer", &LlamaModel::add_layer)

@@ -252,6 +252,16 @@ def _top_logprobs(
 # ---------------------------------------------------------------------------
 
 
+def _native_greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """argmax and its log-softmax in one native pass per row (CPU, library built), else None. A
+    batch of 64 rows x 49152 took 2.7 ms in torch's argmax + log_softmax on the Zen 5 EPYC."""
+    if logits.device.type != "cpu":
+        return None
+    from thrifty import native
+
+    return torch.ops.thrifty.argmax_logprob(logits) if native.load() else None
+
+
 class Sampler:
     def __init__(self, seed: int | None = None):
         self._seed = seed
@@ -279,6 +289,12 @@ class Sampler:
         processed = apply_penalties(apply_min_tokens(raw, inputs), inputs)
 
         random_rows = [i for i, inp in enumerate(inputs) if not inp.params.greedy]
+        if not random_rows and processed is raw and not any(inp.params.logprobs for inp in inputs):
+            fast = _native_greedy(raw)
+            if fast is not None:
+                tokens, token_logprobs = fast
+                return SamplerOutput(tokens.tolist(), token_logprobs.tolist(),
+                                     [None if inp.params.logprobs is None else [] for inp in inputs])
         if len(random_rows) == len(inputs):
             tokens = _sample_random(processed, inputs, self._default_generator(raw.device))
         else:
