@@ -33,11 +33,12 @@ on CPU, max_num_batched_tokens 4096, chunked prefill, prefix caching, torch.comp
 dtype and max_model_len. `--vllm-args` / `--thrifty-args` pass extra LLM(...) keywords as JSON.
 
 Also measured in the same run: the machine's memory read bandwidth (torch sum over a 1 GiB
-tensor on the benchmark's thread count, best of 5, before and after the rounds) and the bytes of
-weights one decode token reads (every linear weight + the LM head, from the safetensors header
-of the model's HF folder), which give the B1 "fraction of the bandwidth limit"
-= B1 tok/s / (bandwidth / bytes per token); and whether both engines produce the same first 16
-greedy tokens for the first W64 prompt.
+tensor of random values on the benchmark's thread count, best of 5: before and after the rounds,
+and by each worker right before its B1 run) and the bytes of weights one decode token reads
+(every linear weight + the LM head, from the safetensors header of the model's HF folder), which
+give each B1 run's "fraction of the bandwidth limit" = B1 tok/s / (bandwidth measured right
+before it / bytes per token); and whether both engines produce the same first 16 greedy tokens
+for the first W64 prompt.
 
 vLLM needs a HuggingFace folder; it is made once (--hf-dir, default /tmp/smollm2-hf) with
 /work/shared/peers/make_hf_folder.py run by this Python. That script leaves transformers'
@@ -67,6 +68,8 @@ from typing import Any
 LAUNCH_ENV = dict(os.environ)
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from peer_worker import read_bandwidth_gbs  # noqa: E402  (the standard library only, at import)
 REPO = HERE.parent
 WORKER = HERE / "peer_worker.py"
 ENGINES = ("vllm", "thrifty")  # the order within a round
@@ -184,23 +187,6 @@ def decode_weight_params(hf_dir: Path) -> dict[str, Any]:
             "source": f"safetensors headers of {hf_dir}"}
 
 
-def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """Best-of-`repeats` read bandwidth (GB/s) of a torch sum over a `gib` GiB fp32 tensor."""
-    import torch
-
-    torch.set_num_threads(threads)
-    # Random values: pages of one repeated value can be merged by the host (same-page merging)
-    # and then read from cache, which measured up to 1.8x the real rate on these machines.
-    x = torch.randn(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return round(x.numel() * 4 / best / 1e9, 2)
-
-
 # -- prompts ----------------------------------------------------------------------------------------
 
 class PromptMaker:
@@ -311,11 +297,13 @@ def summarize(workloads: list[Workload], rounds: list[dict[str, dict[str, Any]]]
     return out
 
 
-def bandwidth_fraction(b1: dict[str, Any] | None, ceiling_tok_s: float) -> dict[str, Any] | None:
-    """B1 tok/s as a fraction of the bandwidth limit (every weight read once per token)."""
+def bandwidth_fraction(b1: dict[str, Any] | None, bytes_per_token: int) -> dict[str, Any] | None:
+    """B1 tok/s as a fraction of the bandwidth limit (every weight read once per token), each run
+    against the read bandwidth its worker measured right before it."""
     if b1 is None:
         return None
-    return {e: [round(r[e]["output_tokens_per_s"] / ceiling_tok_s, 4) for r in b1["rounds"]] for e in ENGINES}
+    return {e: [round(r[e]["output_tokens_per_s"] * bytes_per_token / (r[e]["read_gbs_before"] * 1e9), 4)
+                for r in b1["rounds"]] for e in ENGINES}
 
 
 def first_mismatch(a: list[int], b: list[int]) -> int | None:
@@ -367,7 +355,8 @@ def main() -> None:
                 rounds[-1][engine] = run_worker(engine, args, Path(tmp) / f"{engine}.json")
     bandwidth["after_gbs"] = read_bandwidth_gbs(args.threads)
     bandwidth["best_gbs"] = max(bandwidth["before_gbs"], bandwidth["after_gbs"])
-    bandwidth["method"] = f"torch fp32 sum over 1 GiB, {args.threads} threads, best of 5"
+    bandwidth["method"] = (f"torch fp32 sum over 1 GiB of random values, {args.threads} threads, best of 5; "
+                           "each B1 run's own figure is measured by its worker right before it (read_gbs_before)")
     ceiling = bandwidth["best_gbs"] * 1e9 / weights["bytes_per_token"]
     bandwidth["decode_ceiling_tokens_per_s"] = round(ceiling, 2)
 
@@ -388,7 +377,7 @@ def main() -> None:
         "workloads": summary,
         "weights": weights,
         "bandwidth": bandwidth,
-        "b1_fraction_of_bandwidth_limit": bandwidth_fraction(summary.get("B1"), ceiling),
+        "b1_fraction_of_bandwidth_limit": bandwidth_fraction(summary.get("B1"), weights["bytes_per_token"]),
         "greedy_check": {
             "prompt": "first W64 prompt", "num_tokens": args.check_tokens,
             "vllm": checks["vllm"][0], "thrifty": checks["thrifty"][0],
