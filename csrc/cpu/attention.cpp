@@ -270,6 +270,7 @@ class UnitRunner {
     const SeqBatch& b = op.batch;
     G_ = op.shape.num_heads / op.shape.num_kv_heads;
     rows_ = u.num_tokens * G_;
+    streams_ = u.num_tokens == 1;
     layout_ = CacheLayout<T, D>{op.shape.block_size, op.shape.num_kv_heads};
     const int64_t pos0 = b.first_pos(u.seq) - b.query_start_loc[u.seq];  // + token index = position
     key_end_ = u.key_begin;
@@ -324,7 +325,10 @@ class UnitRunner {
         }
         chunks[c] = layout_.chunk(op_.k_cache, op_.v_cache, blocks[c0 / bs], u_.kv_head, c0 % bs);
         const int64_t ahead = c0 + std::max(bs, kPrefetchKeys);
-        if (c0 % bs == 0 && ahead < key_end_) {  // entering a block: fetch a later one whole
+        // A decode streams its keys from memory once: entering a block, fetch a later one whole.
+        // A prefill tile's rows walk keys that earlier tiles left in L2, where prefetching is
+        // only more instructions.
+        if (streams_ && r0 == 0 && c0 % bs == 0 && ahead < key_end_) {
           const Chunk<T> next = layout_.chunk(op_.k_cache, op_.v_cache, blocks[ahead / bs], u_.kv_head, 0);
           prefetch(next.k, D * bs * int64_t(sizeof(T)));
           prefetch(next.v, D * bs * int64_t(sizeof(T)));
@@ -396,6 +400,7 @@ class UnitRunner {
   const Operands<T>& op_;
   int64_t G_ = 1;
   int rows_ = 0;
+  bool streams_ = false;  // a decode: its keys come from memory, worth prefetching
   CacheLayout<T, D> layout_{};
   typename Math::Queries queries_;
   int64_t row_end_[kMaxRows];
