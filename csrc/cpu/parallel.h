@@ -95,11 +95,12 @@ class Team {
   int next_counter_ = 0;
 };
 
-// Runs f(Team&) on every thread of torch's intra-op team. `num_loops` bounds how many for_each
-// loops f runs (each needs its own counter). f must not throw: check inputs before calling.
+// Runs f(Team&) on every thread of torch's intra-op team (at most max_threads of them: a job too
+// small to repay waking a sleeping thread runs on the caller's alone). `num_loops` bounds how
+// many for_each loops f runs (each needs its own counter). f must not throw: check inputs first.
 template <typename F>
-void run_parallel(int num_loops, F&& f) {
-  int requested = at::get_num_threads();
+void run_parallel(int num_loops, F&& f, int max_threads = 1 << 30) {
+  int requested = std::max(1, std::min(at::get_num_threads(), max_threads));
   SpinBarrier barrier;
   std::unique_ptr<std::atomic<int64_t>[]> counters(new std::atomic<int64_t>[std::max(num_loops, 1)]);
   for (int i = 0; i < num_loops; ++i) counters[i].store(0, std::memory_order_relaxed);

@@ -130,9 +130,13 @@ std::tuple<at::Tensor, at::Tensor> argmax_logprob_op(const at::Tensor& logits) {
   at::Tensor x = logits.contiguous();
   at::Tensor ids = at::empty({x.size(0)}, x.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({x.size(0)}, x.options());
-  run_parallel(1, [&](Team& team) {
-    argmax_logprob(team, x.data_ptr<float>(), x.size(0), x.size(1), ids.data_ptr<int64_t>(), logprobs.data_ptr<float>());
-  });
+  run_parallel(
+      1,
+      [&](Team& team) {
+        argmax_logprob(team, x.data_ptr<float>(), x.size(0), x.size(1), ids.data_ptr<int64_t>(),
+                       logprobs.data_ptr<float>());
+      },
+      int(x.size(0)));  // a row per thread at most
   return {ids, logprobs};
 }
 
