@@ -19,7 +19,7 @@ import time
 
 from thrifty import LLM, SamplingParams
 from thrifty.bench.datasets import make_dataset
-from thrifty.bench.throughput import cpu_name
+from thrifty.cpuinfo import cpu_name
 
 
 def main() -> None:

@@ -266,6 +266,8 @@ def machine_info() -> dict[str, Any]:
     fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
     return {
         "cpu_model": fields.get("Model name", "").strip(),
+        "cpu_family": fields.get("CPU family", "").strip(),  # with the model number: the generation
+        "cpu_model_number": fields.get("Model", "").strip(),
         "cpu_flags": fields.get("Flags", "").strip(),
         "cpus": len(os.sched_getaffinity(0)),
         "torch": torch.__version__,

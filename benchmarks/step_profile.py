@@ -33,7 +33,7 @@ def main() -> None:
 
     from thrifty import LLM, SamplingParams
     from thrifty.bench.datasets import make_dataset
-    from thrifty.bench.throughput import cpu_flags, cpu_name
+    from thrifty.cpuinfo import cpu_flags_line, cpu_name
 
     llm = LLM(dtype=args.dtype, num_threads=args.threads, backend="native")
     engine = llm.llm_engine
@@ -76,7 +76,7 @@ def main() -> None:
         "outside_forward_ms": ms(wall - prof["forward"]),
         "forward_outside_kernels_ms": ms(prof["forward"] - sum(prof[k] for k in kernels)),
         "kernels_ms": kernels, "tokens_per_s": round(args.num_prompts * (args.input_len if args.prefill else args.steps) / wall, 2),
-        "cpu": cpu_name(), "cpu_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu_name(), "cpu_flags": cpu_flags_line(), "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(result))
 

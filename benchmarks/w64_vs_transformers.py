@@ -49,7 +49,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from thrifty import LLM
-    from thrifty.bench.throughput import cpu_name, run_throughput
+    from thrifty.bench.throughput import run_throughput
+    from thrifty.cpuinfo import cpu_name
 
     llm = LLM(dtype=args.dtype, num_threads=args.threads)
     thrifty = run_throughput(llm, "random", args.num_prompts, args.input_len, args.output_len, use_tqdm=False)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from thrifty import native
-from thrifty.native.build import build, cpu_flags
+from thrifty.cpuinfo import cpu_flags
+from thrifty.native.build import build
 
 OP_TESTS = "linear_matches or paged_attention_matches or write_kv or rms_norm"
 

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from functools import cache
 
+from thrifty.cpuinfo import cpu_flags
+
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "native", "torch")
 
@@ -14,15 +16,7 @@ _BACKENDS = ("auto", "native", "torch")
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls are fast. Without them torch emulates bf16 slowly.
     Read once per process: layers ask on every matmul."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except OSError:
-        pass
-    return False
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 @dataclass

@@ -85,24 +85,6 @@ struct CacheLayout<bf16, D> {
   }
 };
 
-// Reads FVec::N pairs (two consecutive bf16 per lane) as two float vectors: first and second.
-inline void load_pairs(const bf16* p, FVec& first, FVec& second) {
-#if defined(THRIFTY_AVX512)
-  __m512i raw = _mm512_loadu_si512(p);
-  first = FVec(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)));
-  second = FVec(_mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int(0xffff0000u)))));
-#elif defined(THRIFTY_AVX2)
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  first = FVec(_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)));
-  second = FVec(_mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(int(0xffff0000u)))));
-#else
-  for (int i = 0; i < FVec::N; ++i) {
-    first.v[i] = bf16_to_float(p[2 * i]);
-    second.v[i] = bf16_to_float(p[2 * i + 1]);
-  }
-#endif
-}
-
 // Keys are taken kBlockChunks chunks (64 keys) at a time. Multiply-adds into one accumulator
 // wait for each other (about 5 cycles apart), so a group of rows walks the block's chunks side by
 // side: its scores keep rows x chunks accumulators in flight, its outputs rows x D/16.

@@ -17,32 +17,12 @@ constexpr int S = int(kPanel) / FVec::N;  // vectors per panel
 constexpr int MR = 4;                     // rows per tile
 constexpr int NR = 4;                     // panels per tile
 // One or two rows (decoding alone, or nearly) are bound by streaming the weights: tiles of 8
-// panels, and one contiguous run of panels per thread, streamed the fastest in an interleaved
-// A/B of the default model's 121 matmuls on the Zen 5 EPYC (NR 8 in one run per thread: 60-63
-// GB/s; NR 4 in chunks of about a quarter of a thread's share: 55-58 GB/s; software prefetching
-// 50-53 GB/s).
+// panels, and one contiguous run of panels per thread, which streamed the fastest of the layouts
+// tried (docs/native.md, Matmuls).
 constexpr int64_t kStreamRows = 2;
 constexpr int NR_STREAM = 8;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Reads FVec::N pairs (k even, k odd for each of N outputs) as two float vectors.
-inline void load_pairs(const bf16* p, FVec& even, FVec& odd) {
-#if defined(THRIFTY_AVX512)
-  __m512i raw = _mm512_loadu_si512(p);
-  even = FVec(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)));
-  odd = FVec(_mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int(0xffff0000u)))));
-#elif defined(THRIFTY_AVX2)
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  even = FVec(_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)));
-  odd = FVec(_mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(int(0xffff0000u)))));
-#else
-  for (int i = 0; i < FVec::N; ++i) {
-    even.v[i] = bf16_to_float(p[2 * i]);
-    odd.v[i] = bf16_to_float(p[2 * i + 1]);
-  }
-#endif
-}
 
 template <typename T, typename TOut>
 struct Tile {

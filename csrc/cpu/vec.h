@@ -199,4 +199,23 @@ inline FVec exp(FVec x) {
   return p * FVec::pow2(n_capped);
 }
 
+// Reads FVec::N pairs (two consecutive bf16 per lane: a bf16 pair layout's lanes) as two float
+// vectors, the first and the second element of each pair: a shift and a mask, no conversion.
+inline void load_pairs(const bf16* p, FVec& first, FVec& second) {
+#if defined(THRIFTY_AVX512)
+  __m512i raw = _mm512_loadu_si512(p);
+  first = FVec(_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)));
+  second = FVec(_mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int(0xffff0000u)))));
+#elif defined(THRIFTY_AVX2)
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  first = FVec(_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)));
+  second = FVec(_mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(int(0xffff0000u)))));
+#else
+  for (int i = 0; i < FVec::N; ++i) {
+    first.v[i] = bf16_to_float(p[2 * i]);
+    second.v[i] = bf16_to_float(p[2 * i + 1]);
+  }
+#endif
+}
+
 }  // namespace thrifty

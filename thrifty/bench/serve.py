@@ -22,7 +22,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from thrifty.bench.datasets import ServePrompt
-from thrifty.bench.throughput import cpu_name
+from thrifty.cpuinfo import cpu_name
 
 _PERCENTILES = (50, 90, 99)
 

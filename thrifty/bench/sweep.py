@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from thrifty.bench.datasets import ServePrompt
 from thrifty.bench.serve import ServeConfig, run_serve
-from thrifty.bench.throughput import cpu_name
+from thrifty.cpuinfo import cpu_name
 
 
 def check_sweep_values(by: str, values: list[float]) -> None:

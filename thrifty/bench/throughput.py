@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 
 import torch
 
 from thrifty.bench.datasets import make_dataset
+from thrifty.cpuinfo import cpu_flags_line, cpu_name
 from thrifty.entrypoints.llm import LLM
 from thrifty.sampling_params import SamplingParams
 
@@ -21,29 +21,6 @@ WORKLOADS = {
     "long": (16, 1024, 256),  # long contexts: attention over the tokens each one really has
     "prefill": (8, 1024, 1),  # prompt processing only
 }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> str:
-    """The CPU's feature flags as /proc/cpuinfo (lscpu's Flags line) lists them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, output_len: int,
@@ -90,7 +67,7 @@ def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, out
         "max_num_seqs": engine.config.max_num_seqs,
         "max_num_batched_tokens": engine.config.max_num_batched_tokens,
         "cpu": cpu_name(),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": cpu_flags_line(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -13,7 +13,8 @@ import os
 from functools import cache
 from pathlib import Path
 
-from thrifty.native.build import cpu_flags, library_path, source_hash
+from thrifty.cpuinfo import cpu_flags
+from thrifty.native.build import library_path, source_hash
 
 logger = logging.getLogger("thrifty")
 

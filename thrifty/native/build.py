@@ -21,6 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from thrifty.cpuinfo import cpu_flags
+
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ROOT / "csrc" / "cpu"
 LIB_DIR = Path(__file__).resolve().parent / "lib"
@@ -36,17 +38,6 @@ def source_hash() -> str:
             h.update(path.name.encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def compiled_isa_flags(march: str) -> list[str]:
