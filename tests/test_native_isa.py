@@ -23,8 +23,8 @@ OP_TESTS = "linear_matches or paged_attention_matches or write_kv or rms_norm"
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_other_instruction_sets_pass_the_op_tests(isa, tmp_path):
-    if native.unavailable_reason() is not None and "not built" in native.unavailable_reason():
-        pytest.skip(f"no native build here: {native.unavailable_reason()}")
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
     lib = build(isa, out=tmp_path / f"thrifty_cpu_{isa}.so")
     needed = set(json.loads(lib.with_suffix(".json").read_text())["cpu_flags_needed"])
     if needed - cpu_flags():

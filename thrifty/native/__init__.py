@@ -14,7 +14,6 @@ from functools import cache
 from pathlib import Path
 
 from thrifty.cpuinfo import cpu_flags
-from thrifty.native.build import library_path, source_hash
 
 logger = logging.getLogger("thrifty")
 
@@ -25,6 +24,8 @@ ENV_LIBRARY = "THRIFTY_NATIVE_LIB"
 
 
 def _library() -> Path:
+    from thrifty.native.build import library_path  # (not at import: `python -m thrifty.native.build`)
+
     return Path(os.environ[ENV_LIBRARY]) if os.environ.get(ENV_LIBRARY) else library_path()
 
 
@@ -36,6 +37,8 @@ def unavailable_reason() -> str | None:
     stamp_path = path.with_suffix(".json")
     if not path.exists() or not stamp_path.exists():
         return f"{path} is not built (run `make` or `python -m thrifty.native.build`)"
+    from thrifty.native.build import source_hash
+
     stamp = json.loads(stamp_path.read_text())
     if stamp.get("sources") != source_hash():
         return "it was built from older sources (run `make` to rebuild it)"

@@ -1,6 +1,7 @@
 """Builds the native CPU kernel library (csrc/cpu) for the CPU of this machine.
 
-    python -m thrifty.native.build            # what `make` runs
+    python -m thrifty.native.build --if-stale  # what `make` runs: builds when needed
+    python -m thrifty.native.build             # builds
     python -m thrifty.native.build --isa avx2  # another instruction set, e.g. to test its code path
 
 The library is compiled with g++ against the installed torch (its headers, its libraries and its
@@ -97,7 +98,17 @@ def main() -> None:
     ap.add_argument("--isa", default="native", choices=sorted(ISAS))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--if-stale", action="store_true",
+                    help="build only if the library is missing, older than the sources, or built for another CPU")
     args = ap.parse_args()
+    if args.if_stale and args.isa == "native" and args.out is None:
+        from thrifty.native import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is None:
+            print(f"{library_path()} is up to date for this CPU")
+            return
+        print(f"building the native kernels: {reason}")
     try:
         path = build(args.isa, args.jobs, args.out)
     except (RuntimeError, subprocess.CalledProcessError) as e:
