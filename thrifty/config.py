@@ -9,7 +9,7 @@ from functools import cache
 from thrifty.cpuinfo import cpu_flags
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_BACKENDS = ("auto", "native", "torch")
+BACKENDS = ("auto", "native", "torch")  # see thrifty/worker/model_runner.py
 
 
 @cache
@@ -38,8 +38,8 @@ class EngineConfig:
     backend: str = "auto"  # "native" (C++ CPU kernels), "torch" (the reference), "auto": native where it runs
 
     def __post_init__(self) -> None:
-        if self.backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -1,11 +1,12 @@
 // Paged attention, flash style: a unit's query rows (its tokens x the query heads of one KV head)
-// walk the keys 16 at a time, straight from the cache blocks, with an online softmax; nothing is
-// gathered into a padded copy, and the work grows with the keys each sequence really has.
+// walk the keys straight from the cache blocks, 64 at a time (four chunks of 16), with an online
+// softmax; nothing is gathered into a padded copy, and the work grows with the keys each
+// sequence really has.
 //
-// Rows are taken a few at a time (as many as keep their output in registers): the scores of
-// 16 keys for those rows come from one pass over the chunk's keys, their outputs from one pass
-// over its values. With bf16 caches the pairs layout lets AVX512-BF16 CPUs multiply bf16 pairs
-// straight into fp32 sums (vdpbf16ps); other CPUs widen each pair to two fp32 vectors.
+// Rows are taken a few at a time: their scores for a block of keys come from one pass over its
+// keys, one softmax update per row follows, then their outputs from one pass over its values.
+// With bf16 caches the pairs layout lets AVX512-BF16 CPUs multiply bf16 pairs straight into fp32
+// sums (vdpbf16ps); other CPUs widen each pair to two fp32 vectors.
 #include "attention.h"
 
 #include <cmath>
@@ -23,7 +24,11 @@ constexpr int kVectorRegisters = 32;
 #else
 constexpr int kVectorRegisters = 16;
 #endif
-// How far ahead, in keys, the next blocks are prefetched: a decode is bound by reading the cache,
+// Keys are taken kBlockChunks chunks (64 keys) at a time. Multiply-adds into one accumulator
+// wait for each other (about 5 cycles apart), so a group of rows walks the block's chunks side by
+// side: its scores keep rows x chunks accumulators in flight, its outputs rows x D/16.
+constexpr int kBlockChunks = 4;
+// How far ahead, in keys, cache blocks are prefetched. A decode is bound by reading the cache,
 // and its blocks lie anywhere.
 constexpr int64_t kPrefetchKeys = 2 * kKeys;
 
@@ -84,11 +89,6 @@ struct CacheLayout<bf16, D> {
     }
   }
 };
-
-// Keys are taken kBlockChunks chunks (64 keys) at a time. Multiply-adds into one accumulator
-// wait for each other (about 5 cycles apart), so a group of rows walks the block's chunks side by
-// side: its scores keep rows x chunks accumulators in flight, its outputs rows x D/16.
-constexpr int kBlockChunks = 4;
 
 // The per-dtype inner loops over a block of chunks: scores of RG rows (QK) and their weighted
 // values (PV). Queries hold the rows' queries as the variant wants them; p the rows'
