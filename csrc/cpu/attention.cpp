@@ -90,46 +90,70 @@ struct CacheLayout<bf16, D> {
   }
 };
 
-// The per-dtype inner loops over a block of chunks: scores of RG rows (QK) and their weighted
-// values (PV). Queries hold the rows' queries as the variant wants them; p the rows'
-// probabilities for the block's keys (fp32, 16 per chunk; zero past the valid keys); o the rows'
-// outputs so far, in memory, each D floats.
-template <typename T, int D>
-struct BlockMath;
-
+// Reads two consecutive dimensions of FVec::N keys (QK), or two consecutive keys' FVec::N
+// dimensions (PV), as two float vectors: from the fp32 layout's rows, or from the bf16 pairs
+// layout (widened: a shift and a mask).
 template <int D>
-struct BlockMath<float, D> {
+struct PairReads {
+  static void keys(const Chunk<float>& c, int64_t bs, int dp, int v, FVec& first, FVec& second) {
+    first = FVec::load(c.k + 2 * dp * bs + v * FVec::N);
+    second = FVec::load(c.k + (2 * dp + 1) * bs + v * FVec::N);
+  }
+  static void values(const Chunk<float>& c, int64_t jp, int v, FVec& first, FVec& second) {
+    first = FVec::load(c.v + 2 * jp * D + v * FVec::N);
+    second = FVec::load(c.v + (2 * jp + 1) * D + v * FVec::N);
+  }
+  static void keys(const Chunk<bf16>& c, int64_t bs, int dp, int v, FVec& first, FVec& second) {
+    load_pairs(c.k + (dp * bs + v * FVec::N) * 2, first, second);
+  }
+  static void values(const Chunk<bf16>& c, int64_t jp, int v, FVec& first, FVec& second) {
+    load_pairs(c.v + (jp * D + v * FVec::N) * 2, first, second);
+  }
+};
+
+// The inner loops over a block of chunks: scores of RG rows (QK) and their weighted values (PV).
+// Queries hold the rows' queries as the variant wants them; p the rows' probabilities for the
+// block's keys (fp32, 16 per chunk; zero past the valid keys); o the rows' outputs so far, in
+// memory, each D floats. Both walk pairs (of dimensions, of keys), the unit vdpbf16ps takes.
+
+// fp32 multiply-adds: fp32 caches, and bf16 caches on CPUs without AVX512-BF16.
+template <typename T, int D>
+struct BlockMathFma {
   static constexpr int VD = D / FVec::N;
-  struct Queries { float q[kMaxRows][D]; };  // scaled
-  static void prepare(Queries& qs, int r, const float* src, float scale) {
-    for (int d = 0; d < D; ++d) qs.q[r][d] = src[d] * scale;
+  struct Queries { float q[kMaxRows][D]; };  // widened and scaled
+  static void prepare(Queries& qs, int r, const T* src, float scale) {
+    for (int d = 0; d < D; ++d) qs.q[r][d] = to_float(src[d]) * scale;
   }
   static constexpr bool kScaleScores = false;
   template <int RG>
-  static void scores(const Queries& qs, int r0, const Chunk<float> (&c)[kBlockChunks], int64_t bs,
+  static void scores(const Queries& qs, int r0, const Chunk<T> (&c)[kBlockChunks], int64_t bs,
                      FVec (&s)[kBlockChunks][RG][kKeyVecs]) {
-    for (int d = 0; d < D; ++d) {
-      FVec k[kBlockChunks][kKeyVecs];
+    for (int dp = 0; dp < D / 2; ++dp) {
+      FVec first[kBlockChunks][kKeyVecs], second[kBlockChunks][kKeyVecs];
       for (int b = 0; b < kBlockChunks; ++b)
-        for (int v = 0; v < kKeyVecs; ++v) k[b][v] = FVec::load(c[b].k + d * bs + v * FVec::N);
+        for (int v = 0; v < kKeyVecs; ++v) PairReads<D>::keys(c[b], bs, dp, v, first[b][v], second[b][v]);
       for (int r = 0; r < RG; ++r) {
-        const FVec q(qs.q[r0 + r][d]);
+        const FVec q0(qs.q[r0 + r][2 * dp]), q1(qs.q[r0 + r][2 * dp + 1]);
         for (int b = 0; b < kBlockChunks; ++b)
-          for (int v = 0; v < kKeyVecs; ++v) s[b][r][v] = FVec::fma(q, k[b][v], s[b][r][v]);
+          for (int v = 0; v < kKeyVecs; ++v)
+            s[b][r][v] = FVec::fma(q1, second[b][v], FVec::fma(q0, first[b][v], s[b][r][v]));
       }
     }
   }
   template <int RG>
   static void values(const float (*p)[kBlockChunks * kKeys], const int64_t (&valid)[kBlockChunks],
-                     const Chunk<float> (&c)[kBlockChunks], float* const* o) {
+                     const Chunk<T> (&c)[kBlockChunks], float* const* o) {
     FVec acc[RG][VD];
     for (int r = 0; r < RG; ++r)
       for (int v = 0; v < VD; ++v) acc[r][v] = FVec::load(o[r] + v * FVec::N);
     for (int b = 0; b < kBlockChunks; ++b) {
-      for (int64_t j = 0; j < valid[b]; ++j) {
+      for (int64_t jp = 0; jp < (valid[b] + 1) / 2; ++jp) {
         for (int v = 0; v < VD; ++v) {
-          const FVec x = FVec::load(c[b].v + j * D + v * FVec::N);
-          for (int r = 0; r < RG; ++r) acc[r][v] = FVec::fma(FVec(p[r][b * kKeys + j]), x, acc[r][v]);
+          FVec first, second;
+          PairReads<D>::values(c[b], jp, v, first, second);
+          for (int r = 0; r < RG; ++r)
+            acc[r][v] = FVec::fma(FVec(p[r][b * kKeys + 2 * jp + 1]), second,
+                                  FVec::fma(FVec(p[r][b * kKeys + 2 * jp]), first, acc[r][v]));
         }
       }
     }
@@ -138,11 +162,12 @@ struct BlockMath<float, D> {
   }
 };
 
-template <int D>
-struct BlockMath<bf16, D> {
-  static constexpr int VD = D / FVec::N;
 #if defined(THRIFTY_AVX512BF16)
-  // Queries stay bf16 pairs (one 32-bit broadcast per pair); the scale is applied to the scores.
+// vdpbf16ps straight from the bf16 cache: queries stay bf16 pairs (one 32-bit broadcast per
+// pair), the scale is applied to the scores, probabilities are rounded to bf16 pairs for PV.
+template <int D>
+struct BlockMathDot {
+  static constexpr int VD = D / 16;
   struct Queries { int32_t pairs[kMaxRows][D / 2]; };
   static void prepare(Queries& qs, int r, const bf16* src, float) { std::memcpy(qs.pairs[r], src, D * sizeof(bf16)); }
   static constexpr bool kScaleScores = true;
@@ -182,50 +207,13 @@ struct BlockMath<bf16, D> {
     for (int r = 0; r < RG; ++r)
       for (int v = 0; v < VD; ++v) _mm512_storeu_ps(o[r] + v * 16, acc[r][v]);
   }
-#else
-  // Queries widened to fp32 and scaled; each pair of the cache widened to two fp32 vectors.
-  struct Queries { float q[kMaxRows][D]; };
-  static void prepare(Queries& qs, int r, const bf16* src, float scale) {
-    for (int d = 0; d < D; ++d) qs.q[r][d] = bf16_to_float(src[d]) * scale;
-  }
-  static constexpr bool kScaleScores = false;
-  template <int RG>
-  static void scores(const Queries& qs, int r0, const Chunk<bf16> (&c)[kBlockChunks], int64_t bs,
-                     FVec (&s)[kBlockChunks][RG][kKeyVecs]) {
-    for (int dp = 0; dp < D / 2; ++dp) {
-      FVec even[kBlockChunks][kKeyVecs], odd[kBlockChunks][kKeyVecs];
-      for (int b = 0; b < kBlockChunks; ++b)
-        for (int v = 0; v < kKeyVecs; ++v) load_pairs(c[b].k + (dp * bs + v * FVec::N) * 2, even[b][v], odd[b][v]);
-      for (int r = 0; r < RG; ++r) {
-        const FVec q0(qs.q[r0 + r][2 * dp]), q1(qs.q[r0 + r][2 * dp + 1]);
-        for (int b = 0; b < kBlockChunks; ++b)
-          for (int v = 0; v < kKeyVecs; ++v)
-            s[b][r][v] = FVec::fma(q1, odd[b][v], FVec::fma(q0, even[b][v], s[b][r][v]));
-      }
-    }
-  }
-  template <int RG>
-  static void values(const float (*p)[kBlockChunks * kKeys], const int64_t (&valid)[kBlockChunks],
-                     const Chunk<bf16> (&c)[kBlockChunks], float* const* o) {
-    FVec acc[RG][VD];
-    for (int r = 0; r < RG; ++r)
-      for (int v = 0; v < VD; ++v) acc[r][v] = FVec::load(o[r] + v * FVec::N);
-    for (int b = 0; b < kBlockChunks; ++b) {
-      for (int64_t jp = 0; jp < (valid[b] + 1) / 2; ++jp) {
-        for (int v = 0; v < VD; ++v) {
-          FVec first, second;
-          load_pairs(c[b].v + (jp * D + v * FVec::N) * 2, first, second);
-          for (int r = 0; r < RG; ++r)
-            acc[r][v] = FVec::fma(FVec(p[r][b * kKeys + 2 * jp + 1]), second,
-                                  FVec::fma(FVec(p[r][b * kKeys + 2 * jp]), first, acc[r][v]));
-        }
-      }
-    }
-    for (int r = 0; r < RG; ++r)
-      for (int v = 0; v < VD; ++v) acc[r][v].store(o[r] + v * FVec::N);
-  }
-#endif
 };
+template <typename T, int D>
+using BlockMath = std::conditional_t<std::is_same_v<T, bf16>, BlockMathDot<D>, BlockMathFma<T, D>>;
+#else
+template <typename T, int D>
+using BlockMath = BlockMathFma<T, D>;
+#endif
 
 template <typename T>
 struct Operands {

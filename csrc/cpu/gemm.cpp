@@ -1,8 +1,7 @@
 // Packed-weight matmuls. One tile computes MR rows x NR panels (16 columns each) over all of K
-// in registers, then adds the bias and stores. Three inner kernels, by element type and CPU:
-//   bf16 weights with AVX512-BF16: vdpbf16ps on pairs of k, the activation pair broadcast;
-//   bf16 weights elsewhere: each pair widened to two fp32 vectors (a shift and a mask), fp32 FMA;
-//   fp32 weights: fp32 FMA.
+// in registers, then adds the bias and stores. Two inner kernels, both over pairs of k:
+//   bf16 weights with AVX512-BF16: vdpbf16ps, the activation pair broadcast;
+//   otherwise fp32 FMA: fp32 weights, or bf16 weights with each pair widened to two fp32 vectors.
 // At one row a matmul is bound by streaming the weights from memory, so a thread walks its
 // panels front to back; at many rows it is bound by the FMA units, and row blocks are sized so
 // that a block of x stays in L2 while the thread's panels pass over it.
@@ -69,43 +68,35 @@ inline void store_tile(FVec (&acc)[M][P][S], const Tile<T, TOut>& t) {
   }
 }
 
-template <int M, int P>
-struct KernelF32 {
-  template <typename TOut>
-  static void run(const Tile<float, TOut>& t) {
-    FVec acc[M][P][S];
-    for (auto& row : acc) for (auto& panel : row) for (auto& v : panel) v = FVec::zero();
-    for (int64_t k = 0; k < t.K; ++k) {
-      FVec w[P][S];
-      for (int j = 0; j < P; ++j)
-        for (int s = 0; s < S; ++s) w[j][s] = FVec::load(t.w + j * t.pstride + k * kPanel + s * FVec::N);
-      for (int m = 0; m < M; ++m) {
-        const FVec b(t.x[m * t.ldx + k]);
-        for (int j = 0; j < P; ++j)
-          for (int s = 0; s < S; ++s) acc[m][j][s] = FVec::fma(b, w[j][s], acc[m][j][s]);
-      }
-    }
-    store_tile<M, P>(acc, t);
-  }
-};
+// Reads the weights of two consecutive k (2p and 2p + 1) for the FVec::N outputs of a panel's
+// s-th slice: an fp32 panel holds each k's 16 outputs in turn, a bf16 panel the two k of each
+// output side by side (widened here: a shift and a mask).
+inline void load_k_pair(const float* panel, int64_t p, int s, FVec& first, FVec& second) {
+  first = FVec::load(panel + 2 * p * kPanel + s * FVec::N);
+  second = FVec::load(panel + (2 * p + 1) * kPanel + s * FVec::N);
+}
 
+inline void load_k_pair(const bf16* panel, int64_t p, int s, FVec& first, FVec& second) {
+  load_pairs(panel + p * 2 * kPanel + s * 2 * FVec::N, first, second);
+}
+
+// fp32 multiply-adds: fp32 weights, and bf16 weights on CPUs without AVX512-BF16.
 template <int M, int P>
-struct KernelBf16Widen {
-  template <typename TOut>
-  static void run(const Tile<bf16, TOut>& t) {
+struct KernelFma {
+  template <typename T, typename TOut>
+  static void run(const Tile<T, TOut>& t) {
     FVec acc[M][P][S];
     for (auto& row : acc) for (auto& panel : row) for (auto& v : panel) v = FVec::zero();
     for (int64_t p = 0; p < t.K / 2; ++p) {
-      FVec even[P][S], odd[P][S];
+      FVec first[P][S], second[P][S];
       for (int j = 0; j < P; ++j)
-        for (int s = 0; s < S; ++s)
-          load_pairs(t.w + j * t.pstride + p * 2 * kPanel + s * 2 * FVec::N, even[j][s], odd[j][s]);
+        for (int s = 0; s < S; ++s) load_k_pair(t.w + j * t.pstride, p, s, first[j][s], second[j][s]);
       for (int m = 0; m < M; ++m) {
-        const FVec b0(bf16_to_float(t.x[m * t.ldx + 2 * p]));
-        const FVec b1(bf16_to_float(t.x[m * t.ldx + 2 * p + 1]));
+        const FVec b0(to_float(t.x[m * t.ldx + 2 * p]));
+        const FVec b1(to_float(t.x[m * t.ldx + 2 * p + 1]));
         for (int j = 0; j < P; ++j)
           for (int s = 0; s < S; ++s)
-            acc[m][j][s] = FVec::fma(b1, odd[j][s], FVec::fma(b0, even[j][s], acc[m][j][s]));
+            acc[m][j][s] = FVec::fma(b1, second[j][s], FVec::fma(b0, first[j][s], acc[m][j][s]));
       }
     }
     store_tile<M, P>(acc, t);
@@ -115,8 +106,9 @@ struct KernelBf16Widen {
 #if defined(THRIFTY_AVX512BF16)
 template <int M, int P>
 struct KernelBf16Dot {
-  template <typename TOut>
-  static void run(const Tile<bf16, TOut>& t) {
+  template <typename T, typename TOut>
+  static void run(const Tile<T, TOut>& t) {
+    static_assert(std::is_same_v<T, bf16>, "vdpbf16ps multiplies bf16 pairs");
     __m512 acc[M][P];
     for (auto& row : acc) for (auto& v : row) v = _mm512_setzero_ps();
     for (int64_t p = 0; p < t.K / 2; ++p) {
@@ -139,7 +131,7 @@ template <int M, int P>
 using KernelBf16 = KernelBf16Dot<M, P>;
 #else
 template <int M, int P>
-using KernelBf16 = KernelBf16Widen<M, P>;
+using KernelBf16 = KernelFma<M, P>;
 #endif
 
 template <typename T, typename TOut>
@@ -148,20 +140,20 @@ using TileFn = void (*)(const Tile<T, TOut>&);
 template <template <int, int> class Kernel, int M, typename T, typename TOut>
 TileFn<T, TOut> pick_panels(int64_t panels) {
   switch (panels) {
-    case 1: return &Kernel<M, 1>::template run<TOut>;
-    case 2: return &Kernel<M, 2>::template run<TOut>;
-    case 3: return &Kernel<M, 3>::template run<TOut>;
-    case 4: return &Kernel<M, 4>::template run<TOut>;
+    case 1: return &Kernel<M, 1>::template run<T, TOut>;
+    case 2: return &Kernel<M, 2>::template run<T, TOut>;
+    case 3: return &Kernel<M, 3>::template run<T, TOut>;
+    case 4: return &Kernel<M, 4>::template run<T, TOut>;
     default:
       if constexpr (M <= kStreamRows) {  // streaming: up to NR_STREAM panels (<= 16 accumulators)
         switch (panels) {
-          case 5: return &Kernel<M, 5>::template run<TOut>;
-          case 6: return &Kernel<M, 6>::template run<TOut>;
-          case 7: return &Kernel<M, 7>::template run<TOut>;
-          default: return &Kernel<M, NR_STREAM>::template run<TOut>;
+          case 5: return &Kernel<M, 5>::template run<T, TOut>;
+          case 6: return &Kernel<M, 6>::template run<T, TOut>;
+          case 7: return &Kernel<M, 7>::template run<T, TOut>;
+          default: return &Kernel<M, NR_STREAM>::template run<T, TOut>;
         }
       }
-      return &Kernel<M, NR>::template run<TOut>;
+      return &Kernel<M, NR>::template run<T, TOut>;
   }
 }
 
@@ -223,8 +215,8 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
   const int64_t panels = cdiv(N, kPanel);
   at::Tensor padded = at::zeros({panels * kPanel, K}, weight.options());
   padded.narrow(0, 0, N).copy_(weight);
+  TORCH_CHECK(K % 2 == 0, "pack_linear_weight: the kernels take pairs of k, so an even input size, got ", K);
   if (dtype == at::kBFloat16) {
-    TORCH_CHECK(K % 2 == 0, "pack_linear_weight: bf16 weights need an even input size, got ", K);
     // [panels, 16, K/2, 2] -> [panels, K/2, 16, 2]
     return padded.view({panels, kPanel, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
   }
@@ -250,7 +242,7 @@ template <typename T, typename TOut>
 void linear(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
             bool round_bf16) {
   if constexpr (std::is_same_v<T, float>) {
-    run_tiles<KernelF32>(team, x, M, ldx, w, y, ldy, round_bf16);
+    run_tiles<KernelFma>(team, x, M, ldx, w, y, ldy, round_bf16);
   } else {
     run_tiles<KernelBf16>(team, x, M, ldx, w, y, ldy, round_bf16);
   }
