@@ -34,10 +34,10 @@ dtype and max_model_len. `--vllm-args` / `--thrifty-args` pass extra LLM(...) ke
 
 Also measured in the same run: the machine's memory read bandwidth (torch sum over a 1 GiB
 tensor of random values on the benchmark's thread count, best of 5: before and after the rounds,
-and by each worker right before its B1 run) and the bytes of weights one decode token reads
+and by each worker right before and right after its B1 run) and the bytes of weights one decode token reads
 (every linear weight + the LM head, from the safetensors header of the model's HF folder), which
 give each B1 run's "fraction of the bandwidth limit" = B1 tok/s / (bandwidth measured right
-before it / bytes per token); and whether both engines produce the same first 16 greedy tokens
+before it / bytes per token), and the same against the bandwidth measured right after it; and whether both engines produce the same first 16 greedy tokens
 for the first W64 prompt.
 
 vLLM needs a HuggingFace folder; it is made once (--hf-dir, default /tmp/smollm2-hf) with
@@ -299,12 +299,12 @@ def summarize(workloads: list[Workload], rounds: list[dict[str, dict[str, Any]]]
     return out
 
 
-def bandwidth_fraction(b1: dict[str, Any] | None, bytes_per_token: int) -> dict[str, Any] | None:
+def bandwidth_fraction(b1: dict[str, Any] | None, bytes_per_token: int, when: str) -> dict[str, Any] | None:
     """B1 tok/s as a fraction of the bandwidth limit (every weight read once per token), each run
-    against the read bandwidth its worker measured right before it."""
+    against the read bandwidth its worker measured right `when` ("before" or "after") it."""
     if b1 is None:
         return None
-    return {e: [round(r[e]["output_tokens_per_s"] * bytes_per_token / (r[e]["read_gbs_before"] * 1e9), 4)
+    return {e: [round(r[e]["output_tokens_per_s"] * bytes_per_token / (r[e][f"read_gbs_{when}"] * 1e9), 4)
                 for r in b1["rounds"]] for e in ENGINES}
 
 
@@ -358,7 +358,8 @@ def main() -> None:
     bandwidth["after_gbs"] = read_bandwidth_gbs(args.threads)
     bandwidth["best_gbs"] = max(bandwidth["before_gbs"], bandwidth["after_gbs"])
     bandwidth["method"] = (f"torch fp32 sum over 1 GiB of random values, {args.threads} threads, best of 5; "
-                           "each B1 run's own figure is measured by its worker right before it (read_gbs_before)")
+                           "each B1 run's own figures are measured by its worker right before and after it "
+                           "(read_gbs_before, read_gbs_after)")
     ceiling = bandwidth["best_gbs"] * 1e9 / weights["bytes_per_token"]
     bandwidth["decode_ceiling_tokens_per_s"] = round(ceiling, 2)
 
@@ -379,7 +380,9 @@ def main() -> None:
         "workloads": summary,
         "weights": weights,
         "bandwidth": bandwidth,
-        "b1_fraction_of_bandwidth_limit": bandwidth_fraction(summary.get("B1"), weights["bytes_per_token"]),
+        "b1_fraction_of_bandwidth_limit": bandwidth_fraction(summary.get("B1"), weights["bytes_per_token"], "before"),
+        "b1_fraction_of_bandwidth_limit_after": bandwidth_fraction(summary.get("B1"), weights["bytes_per_token"],
+                                                                   "after"),
         "greedy_check": {
             "prompt": "first W64 prompt", "num_tokens": args.check_tokens,
             "vllm": checks["vllm"][0], "thrifty": checks["thrifty"][0],

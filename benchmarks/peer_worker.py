@@ -111,12 +111,15 @@ def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> floa
 
 def run_workload(generate: Generate, workload: dict[str, Any], threads: int) -> dict[str, Any]:
     prompts, max_tokens = workload["prompts"], workload["max_tokens"]
-    # The batch-1 figure is judged against the memory bandwidth: measure it right before, in the
-    # same process, so both figures see the same neighbours on this shared machine.
-    bandwidth = read_bandwidth_gbs(threads) if workload["name"] == "B1" else None
+    # The batch-1 figure is judged against the memory bandwidth: measure it right before and right
+    # after, in the same process, so the figures see the same neighbours on this shared machine
+    # (whose read rate moves from minute to minute).
+    b1 = workload["name"] == "B1"
+    bandwidth = read_bandwidth_gbs(threads) if b1 else None
     start = time.perf_counter()
     outputs = generate(prompts, max_tokens)
     elapsed = time.perf_counter() - start
+    bandwidth_after = read_bandwidth_gbs(threads) if b1 else None
     num_in = sum(map(len, prompts))
     num_out = sum(map(len, outputs))
     return {
@@ -128,7 +131,7 @@ def run_workload(generate: Generate, workload: dict[str, Any], threads: int) -> 
         "elapsed_s": round(elapsed, 4),
         "output_tokens_per_s": round(num_out / elapsed, 3),
         "total_tokens_per_s": round((num_in + num_out) / elapsed, 3),
-        **({"read_gbs_before": bandwidth} if bandwidth is not None else {}),
+        **({"read_gbs_before": bandwidth, "read_gbs_after": bandwidth_after} if b1 else {}),
     }
 
 
