@@ -44,6 +44,8 @@ def test_bad_engine_config_is_a_clear_error():
         LLM("/no/such/model")
     with pytest.raises(ValueError, match="kv_cache_memory"):
         LLM(kv_cache_memory=0.001)  # far less than one 8192-token request
+    with pytest.raises(ValueError, match="available"):
+        LLM(kv_cache_memory=float(1 << 30))  # a byte count passed where GiB are meant
     with pytest.raises(ValueError, match="dtype"):
         LLM(dtype="float8")
 

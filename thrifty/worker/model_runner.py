@@ -77,9 +77,28 @@ def num_kv_blocks(model: LlamaForCausalLM, dtype: torch.dtype, block_size: int, 
     return int(budget_bytes // per_block)
 
 
+def available_host_bytes() -> int | None:
+    """Memory the kernel says can still be had without swapping (MemAvailable), if it says."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def kv_budget_bytes(device: torch.device, kv_cache_memory: float | None, utilization: float) -> int:
     if kv_cache_memory is not None:
-        return int(kv_cache_memory * GiB)
+        budget = int(kv_cache_memory * GiB)
+        available = available_host_bytes() if device.type == "cpu" else None
+        # Over-committed memory is handed out and then killed for when the cache is touched:
+        # say so before, not with a SIGKILL.
+        if available is not None and budget > available:
+            raise ValueError(f"kv_cache_memory is {kv_cache_memory:.4g} GiB but this machine has "
+                             f"{available / GiB:.4g} GiB available (kv_cache_memory is in GiB)")
+        return budget
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         # Leave (1 - utilization) of the card to others, and room for activations.
