@@ -34,11 +34,12 @@ dtype and max_model_len. `--vllm-args` / `--thrifty-args` pass extra LLM(...) ke
 
 Also measured in the same run: the machine's memory read bandwidth (torch sum over a 1 GiB
 tensor of random values on the benchmark's thread count, best of 5: before and after the rounds,
-and by each worker right before and right after its B1 run) and the bytes of weights one decode token reads
-(every linear weight + the LM head, from the safetensors header of the model's HF folder), which
-give each B1 run's "fraction of the bandwidth limit" = B1 tok/s / (bandwidth measured right
-before it / bytes per token), and the same against the bandwidth measured right after it; and whether both engines produce the same first 16 greedy tokens
-for the first W64 prompt.
+and by each worker right before and right after its B1 run) and the bytes of weights one decode
+token reads (every linear weight + the LM head, from the safetensors header of the model's HF
+folder), which give each B1 run's "fraction of the bandwidth limit" = B1 tok/s / (bandwidth
+measured right before it / bytes per token), and the same against the bandwidth measured right
+after it; and whether both engines produce the same first 16 greedy tokens for the first W64
+prompt.
 
 vLLM needs a HuggingFace folder; it is made once (--hf-dir, default /tmp/smollm2-hf) with
 /work/shared/peers/make_hf_folder.py run by this Python. That script leaves transformers'

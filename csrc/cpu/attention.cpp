@@ -38,8 +38,8 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 alignas(64) constexpr float kMaskTable[2 * kKeys] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
                                                      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 
-// Into L2 (T1), not L1: a block's keys and values arrive a pass ahead of their use, and
-// fetches into L1 each hold one of its few miss buffers until they land (docs/native.md).
+// Into L2 (T1), not L1: the blocks are fetched a pass of keys ahead of their use, and decode
+// attention measured faster so (docs/native.md, Attention).
 inline void prefetch(const void* p, int64_t bytes) {
 #if defined(THRIFTY_AVX512) || defined(THRIFTY_AVX2)
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(p) + i, _MM_HINT_T1);
