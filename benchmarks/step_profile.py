@@ -49,6 +49,7 @@ def main() -> None:
         native.set_profiling(True)
     start = time.perf_counter()
     steps = 0
+    engine.reset_stats()  # the warm-up's tokens are not the prefills'
     while engine.stats.num_generation_tokens < args.num_prompts:  # the prefills
         engine.step()
         steps += 1
