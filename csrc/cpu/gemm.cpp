@@ -33,12 +33,43 @@ struct Tile {
   const float* bias;  // at the tile's first column, or null
   TOut* y;  // the tile's first output
   int64_t ldy;
-  int64_t n_valid;  // columns of the tile inside the matrix
+  int64_t n_valid;  // columns of the tile's output inside the matrix
   bool round_bf16;
+  bool silu_mul;  // the panels are (gate, up) pairs and the tile stores SiLU(gate) * up
 };
+
+// Stores the first n of v's lanes at out.
+template <typename TOut>
+inline void store_lanes(const FVec& v, TOut* out, int64_t n) {
+  if (n >= FVec::N) {
+    v.store(out);
+    return;
+  }
+  float tmp[FVec::N];
+  v.store(tmp);
+  for (int64_t i = 0; i < n; ++i) store_scalar(out + i, tmp[i]);
+}
+
+// The gate/up epilogue: the pair's outputs rounded to T as the unfused gate_up matmul would
+// store them, then SiLU(gate) * up as silu_times rounds it; a tile of P panels writes P/2 of output.
+template <int M, int P, typename T, typename TOut>
+inline void store_silu_mul(FVec (&acc)[M][P][S], const Tile<T, TOut>& t) {
+  static_assert(std::is_same_v<T, TOut>, "the activation has the input's type");
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j + 1 < P; j += 2)
+      for (int s = 0; s < S; ++s) {
+        const int64_t col = j / 2 * kPanel + s * FVec::N;
+        if (col >= t.n_valid) continue;
+        const FVec v = silu_times<T>(rounded<T>(acc[m][j][s]), rounded<T>(acc[m][j + 1][s]));
+        store_lanes(v, t.y + m * t.ldy + col, t.n_valid - col);
+      }
+}
 
 template <int M, int P, typename T, typename TOut>
 inline void store_tile(FVec (&acc)[M][P][S], const Tile<T, TOut>& t) {
+  if constexpr (std::is_same_v<T, TOut>) {
+    if (t.silu_mul) return store_silu_mul<M, P>(acc, t);
+  }
   for (int m = 0; m < M; ++m) {
     for (int j = 0; j < P; ++j) {
       for (int s = 0; s < S; ++s) {
@@ -55,14 +86,7 @@ inline void store_tile(FVec (&acc)[M][P][S], const Tile<T, TOut>& t) {
           }
         }
         if (t.round_bf16) v = v.round_bf16();
-        TOut* out = t.y + m * t.ldy + col;
-        if (col + FVec::N <= t.n_valid) {
-          v.store(out);
-        } else {
-          float tmp[FVec::N];
-          v.store(tmp);
-          for (int64_t i = 0; i < t.n_valid - col; ++i) store_scalar(out + i, tmp[i]);
-        }
+        store_lanes(v, t.y + m * t.ldy + col, t.n_valid - col);
       }
     }
   }
@@ -169,7 +193,9 @@ TileFn<T, TOut> pick(int64_t rows, int64_t panels) {
 
 template <template <int, int> class Kernel, typename T, typename TOut>
 void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
-               bool round_bf16) {
+               bool round_bf16, int64_t silu_mul_cols = 0) {
+  // silu_mul_cols > 0: w is a gate/up pair weight (pack_gate_up_weight) and y gets that many
+  // columns of SiLU(gate) * up. Every tile then starts at an even panel and holds whole pairs.
   const int64_t panels = w.num_panels();
   const int64_t pstride = w.K * kPanel;  // bf16: K/2 pairs x 32; fp32: K x 16
   const T* wdata = reinterpret_cast<const T*>(w.data.data_ptr());
@@ -194,9 +220,12 @@ void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinea
         const int64_t np = std::min<int64_t>(nr, p1 - p);
         for (int64_t m = m0; m < m1; m += MR) {
           const int64_t nm = std::min<int64_t>(MR, m1 - m);
+          const int64_t col = silu_mul_cols ? p / 2 * kPanel : p * kPanel;  // the tile's first output
+          const int64_t cols = silu_mul_cols ? std::min(np / 2 * kPanel, silu_mul_cols - col)
+                                             : std::min(np * kPanel, w.N - col);
           Tile<T, TOut> tile{x + m * ldx, ldx, wdata + p * pstride, pstride, w.K,
-                             bias ? bias + p * kPanel : nullptr, y + m * ldy + p * kPanel, ldy,
-                             std::min(np * kPanel, w.N - p * kPanel), round_bf16};
+                             bias ? bias + p * kPanel : nullptr, y + m * ldy + col, ldy,
+                             cols, round_bf16, silu_mul_cols > 0};
           pick<Kernel, T, TOut>(nm, np)(tile);
         }
       }
@@ -221,6 +250,16 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
     return padded.view({panels, kPanel, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
   }
   return padded.view({panels, kPanel, K}).permute({0, 2, 1}).contiguous();  // [panels, K, 16]
+}
+
+at::Tensor pack_gate_up_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % 2 == 0, "pack_gate_up_weight: expected a [2 I, K] weight");
+  const int64_t I = weight.size(0) / 2, K = weight.size(1), panels = cdiv(I, kPanel);
+  at::Tensor pairs = at::zeros({panels * kPanel, 2, K}, weight.options());  // [Ip, 2, K] then panel pairs
+  pairs.narrow(0, 0, I).select(1, 0).copy_(weight.narrow(0, 0, I));
+  pairs.narrow(0, 0, I).select(1, 1).copy_(weight.narrow(0, I, I));
+  // [panels, 16, 2, K] -> [panels, 2, 16, K]: gate panel i, then up panel i.
+  return pack_linear_weight(pairs.view({panels, kPanel, 2, K}).transpose(1, 2).reshape({2 * panels * kPanel, K}));
 }
 
 PackedLinear make_packed_linear(const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N,
@@ -248,6 +287,20 @@ void linear(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& 
   }
 }
 
+template <typename T>
+void linear_silu_mul(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, int64_t I, T* act,
+                     int64_t ldact) {
+  if constexpr (std::is_same_v<T, float>) {
+    run_tiles<KernelFma>(team, x, M, ldx, w, act, ldact, false, I);
+  } else {
+    run_tiles<KernelBf16>(team, x, M, ldx, w, act, ldact, false, I);
+  }
+}
+
+template void linear_silu_mul<float>(Team&, const float*, int64_t, int64_t, const PackedLinear&, int64_t, float*,
+                                     int64_t);
+template void linear_silu_mul<bf16>(Team&, const bf16*, int64_t, int64_t, const PackedLinear&, int64_t, bf16*,
+                                    int64_t);
 template void linear<float, float>(Team&, const float*, int64_t, int64_t, const PackedLinear&, float*, int64_t, bool);
 template void linear<bf16, bf16>(Team&, const bf16*, int64_t, int64_t, const PackedLinear&, bf16*, int64_t, bool);
 template void linear<bf16, float>(Team&, const bf16*, int64_t, int64_t, const PackedLinear&, float*, int64_t, bool);

@@ -37,6 +37,17 @@ template <typename T, typename TOut>
 void linear(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
             bool round_bf16 = false);
 
+// A gate/up weight [2 I, K] (the I gate rows, then the I up rows) packed with gate panel i
+// followed by up panel i (each half padded to whole panels), so that every tile of a matmul over
+// it holds both factors of its outputs.
+at::Tensor pack_gate_up_weight(const at::Tensor& weight);
+
+// act[M, I] = SiLU(x @ gate^T) * (x @ up^T) by the whole team, from a pack_gate_up_weight weight,
+// rounded as the unfused matmul and SiLU-and-multiply would round it in T.
+template <typename T>
+void linear_silu_mul(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, int64_t I, T* act,
+                     int64_t ldact);
+
 // out[t, :] = row ids[t] of the packed weight (an embedding table that is also the tied LM head).
 template <typename T>
 void gather_rows(Team& team, const PackedLinear& w, const int64_t* ids, int64_t num_ids, T* out);

@@ -16,8 +16,7 @@ double now_seconds() {
 }
 
 constexpr const char* kPhaseNames[] = {"embed", "norm", "qkv_proj", "rope_and_cache", "attention", "o_proj",
-                                       "gate_up_proj", "silu_and_mul", "down_proj", "final_norm", "lm_head",
-                                       "forward"};
+                                       "gate_up_proj", "down_proj", "final_norm", "lm_head", "greedy", "forward"};
 
 }  // namespace
 
@@ -59,7 +58,8 @@ void LlamaModel::add_layer(const at::Tensor& input_norm, const at::Tensor& qkv, 
   }
   layer.qkv = make_packed_linear(qkv, qkv_bias, q_size + 2 * kv_size, hidden_);
   layer.o = make_packed_linear(o, c10::nullopt, hidden_, q_size);
-  layer.gate_up = make_packed_linear(gate_up, c10::nullopt, 2 * intermediate_, hidden_);
+  const int64_t padded_intermediate = (intermediate_ + kPanel - 1) / kPanel * kPanel;
+  layer.gate_up = make_packed_linear(gate_up, c10::nullopt, 2 * padded_intermediate, hidden_);  // gate/up pairs
   layer.down = make_packed_linear(down, c10::nullopt, hidden_, intermediate_);
   for (const PackedLinear* w : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down})
     TORCH_CHECK(w->data.scalar_type() == dtype_, "every packed weight of the model must have one dtype");
@@ -128,9 +128,11 @@ c10::Dict<std::string, double> LlamaModel::profile() const {
   return out;
 }
 
-at::Tensor LlamaModel::forward(const at::Tensor& input_ids, const at::Tensor& query_start_loc,
-                               const at::Tensor& seq_lens, const at::Tensor& block_table,
-                               const at::Tensor& logits_indices) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> LlamaModel::forward(const at::Tensor& input_ids,
+                                                                   const at::Tensor& query_start_loc,
+                                                                   const at::Tensor& seq_lens,
+                                                                   const at::Tensor& block_table,
+                                                                   const at::Tensor& logits_indices, bool greedy) {
   const double start = profiling_ ? now_seconds() : 0.0;
   TORCH_CHECK(!layers_.empty() && head_.data.defined() && cos_.defined() && !k_caches_.empty(),
               "the model is not complete: add its layers, head, rope tables and KV caches first");
@@ -155,22 +157,26 @@ at::Tensor LlamaModel::forward(const at::Tensor& input_ids, const at::Tensor& qu
   const AttentionPlan plan = plan_attention(batch, shape_, at::get_num_threads());
   at::Tensor partials = buffer(kPartials, attention_partial_floats(plan, shape_), 1, at::kFloat);
   at::Tensor logits = buffer(kLogits, S, vocab_, at::kFloat);
+  at::Tensor token_ids = buffer(kTokenIds, greedy ? S : 0, 1, at::kLong).view(-1);
+  at::Tensor logprobs = buffer(kLogprobs, greedy ? S : 0, 1, at::kFloat).view(-1);
+  Greedy pick{greedy ? token_ids.data_ptr<int64_t>() : nullptr, logprobs.data_ptr<float>(),
+                    std::vector<ArgmaxPartial>(greedy ? S * argmax_parts(S, at::get_num_threads()) : 0)};
   const RopeArgs rope{positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), cos_.data_ptr<float>(),
                       sin_.data_ptr<float>(), eps_};
   if (dtype_ == at::kBFloat16) {
-    run<bf16>(ids, T, batch, plan, rope, rows, S, partials.data_ptr<float>(), logits.data_ptr<float>());
+    run<bf16>(ids, T, batch, plan, rope, rows, S, partials.data_ptr<float>(), logits.data_ptr<float>(), pick);
   } else {
     TORCH_CHECK(dtype_ == at::kFloat, "the native model runs fp32 or bf16 weights");
-    run<float>(ids, T, batch, plan, rope, rows, S, partials.data_ptr<float>(), logits.data_ptr<float>());
+    run<float>(ids, T, batch, plan, rope, rows, S, partials.data_ptr<float>(), logits.data_ptr<float>(), pick);
   }
   if (profiling_) profile_seconds_[int(Phase::kForward)] += now_seconds() - start;
-  return logits;
+  return {logits, token_ids, logprobs};
 }
 
 template <typename T>
 void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& batch, const AttentionPlan& plan,
                      const RopeArgs& rope, const int64_t* logit_rows, int64_t num_logits, float* partials,
-                     float* logits) {
+                     float* logits, Greedy& greedy) {
   const at::ScalarType dt = dtype_;
   const int64_t H = hidden_, I = intermediate_, D = shape_.head_dim;
   const int64_t q_size = shape_.num_heads * D, qkv_size = q_size + 2 * shape_.num_kv_heads * D;
@@ -182,12 +188,11 @@ void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& bat
   T* delta = ptr(buffer(kDelta, n, H, dt));  // a sublayer's output, added to x by the next norm
   T* qkv = ptr(buffer(kQKV, n, qkv_size, dt));
   T* attn = ptr(buffer(kAttention, n, q_size, dt));
-  T* gate_up = ptr(buffer(kGateUp, n, 2 * I, dt));
   T* act = ptr(buffer(kActivation, n, I, dt));
   T* final_rows = ptr(buffer(kFinal, num_logits, H, dt));
   T* final_x = ptr(buffer(kFinalResidual, num_logits, H, dt));
   const T* embedding = embedding_.defined() ? ptr(embedding_) : nullptr;
-  const int num_loops = int(layers_.size()) * 10 + 4;
+  const int num_loops = int(layers_.size()) * 10 + 6;
 
   run_parallel(num_loops, [&](Team& team) {
     // Thread 0 times each kernel from the barrier before it to the barrier after it.
@@ -225,10 +230,8 @@ void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& bat
       sync(Phase::kOProj);
       add_rms_norm(team, x, delta, ptr(L.post_norm), eps_, n, H, h);
       sync(Phase::kNorm);
-      linear(team, h, n, H, L.gate_up, gate_up, 2 * I);
+      linear_silu_mul(team, h, n, H, L.gate_up, I, act, I);
       sync(Phase::kGateUpProj);
-      silu_and_mul(team, gate_up, n, I, act);
-      sync(Phase::kSiluMul);
       linear(team, act, n, I, L.down, delta, H);
       sync(Phase::kDownProj);
     }
@@ -243,6 +246,11 @@ void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& bat
     sync(Phase::kFinalNorm);
     linear(team, final_rows, num_logits, H, head_, logits, vocab_, std::is_same_v<T, bf16>);
     sync(Phase::kLMHead);
+    if (greedy.token_ids != nullptr) {
+      argmax_logprob(team, logits, num_logits, vocab_, greedy.partials.data(),
+                     greedy.token_ids, greedy.logprobs);
+      sync(Phase::kGreedy);
+    }
   });
 }
 

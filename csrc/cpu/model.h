@@ -17,6 +17,7 @@ class LlamaModel : public torch::CustomClassHolder {
   LlamaModel(int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
              int64_t intermediate_size, int64_t vocab_size, double rms_norm_eps, int64_t block_size);
 
+  // Matmul weights packed by pack_linear_weight, gate_up by pack_gate_up_weight (gemm.h).
   void add_layer(const at::Tensor& input_norm, const at::Tensor& qkv, const c10::optional<at::Tensor>& qkv_bias,
                  const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
                  const at::Tensor& o, const at::Tensor& post_norm, const at::Tensor& gate_up,
@@ -27,9 +28,13 @@ class LlamaModel : public torch::CustomClassHolder {
   void set_kv_caches(const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches);
 
   // Writes the step's K/V into the caches and returns the fp32 logits [len(logits_indices), vocab]
-  // of the given token rows. The logits live in a buffer the next call reuses.
-  at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
-                     const at::Tensor& block_table, const at::Tensor& logits_indices);
+  // of the given token rows and, with `greedy`, each row's argmax and its log-softmax (else two
+  // empty tensors): the sampler's greedy pass, without a second call. All three live in buffers
+  // the next call reuses.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input_ids,
+                                                         const at::Tensor& query_start_loc,
+                                                         const at::Tensor& seq_lens, const at::Tensor& block_table,
+                                                         const at::Tensor& logits_indices, bool greedy);
 
   // Wall time per kind of kernel, summed over forward calls while profiling is on (thread 0's
   // clock from one barrier to the next, so a kernel's time includes waiting for its slowest
@@ -42,11 +47,16 @@ class LlamaModel : public torch::CustomClassHolder {
     at::Tensor input_norm, post_norm, q_norm, k_norm;
     PackedLinear qkv, o, gate_up, down;
   };
-  enum class Phase : int { kEmbed, kNorm, kQKVProj, kRope, kAttention, kOProj, kGateUpProj, kSiluMul, kDownProj,
-                     kFinalNorm, kLMHead, kForward, kNumPhases };
+  enum class Phase : int { kEmbed, kNorm, kQKVProj, kRope, kAttention, kOProj, kGateUpProj, kDownProj,
+                     kFinalNorm, kLMHead, kGreedy, kForward, kNumPhases };
   enum Buffer : size_t {
-    kPositions, kSlots, kPartials, kLogits, kResidual, kNormed, kDelta, kQKV, kAttention, kGateUp, kActivation,
-    kFinal, kFinalResidual,
+    kPositions, kSlots, kPartials, kLogits, kTokenIds, kLogprobs, kResidual, kNormed, kDelta, kQKV, kAttention,
+    kActivation, kFinal, kFinalResidual,
+  };
+  struct Greedy {  // where forward's greedy pick goes; token_ids null: no pick
+    int64_t* token_ids;
+    float* logprobs;
+    std::vector<ArgmaxPartial> partials;
   };
 
   // A workspace tensor [rows, cols], grown when a step needs more, reused otherwise: large
@@ -55,7 +65,8 @@ class LlamaModel : public torch::CustomClassHolder {
 
   template <typename T>
   void run(const int64_t* ids, int64_t num_tokens, const SeqBatch& batch, const AttentionPlan& plan,
-           const RopeArgs& rope, const int64_t* logit_rows, int64_t num_logits, float* partials, float* logits);
+           const RopeArgs& rope, const int64_t* logit_rows, int64_t num_logits, float* partials, float* logits,
+           Greedy& greedy);
 
   int64_t hidden_, intermediate_, vocab_;
   float eps_;

@@ -6,13 +6,6 @@
 namespace thrifty {
 namespace {
 
-// What a bf16 tensor holds after an operation: round every lane (a no-op for fp32).
-template <typename T>
-inline FVec rounded(FVec v) {
-  if constexpr (std::is_same_v<T, bf16>) return v.round_bf16();
-  return v;
-}
-
 template <typename T>
 void rms_norm_row(const T* x, const T* weight, float eps, int64_t dim, T* out) {
   int64_t i = 0;
@@ -92,45 +85,43 @@ void rope_and_cache(Team& team, const AttentionShape& sh, const RopeArgs& a, int
   });
 }
 
-template <typename T>
-void silu_and_mul(Team& team, const T* gate_up, int64_t rows, int64_t dim, T* out) {
-  team.for_each(rows, team.chunk_for(rows), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* g = gate_up + r * 2 * dim;
-      const T* u = g + dim;
-      T* o = out + r * dim;
-      int64_t i = 0;
-      for (; i + FVec::N <= dim; i += FVec::N) {
-        const FVec x = FVec::load(g + i);
-        const FVec silu = rounded<T>(x / (FVec(1.f) + exp(FVec::zero() - x)));
-        (silu * FVec::load(u + i)).store(o + i);
-      }
-      for (; i < dim; ++i) {
-        const float x = to_float(g[i]);
-        store_scalar(o + i, round_to(x / (1.f + std::exp(-x)), g) * to_float(u[i]));
-      }
+int64_t argmax_parts(int64_t rows, int num_threads) { return rows >= num_threads ? 1 : num_threads / rows; }
+
+void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab, ArgmaxPartial* partials,
+                    int64_t* ids, float* logprobs) {
+  const int64_t parts = argmax_parts(rows, team.nth);
+  const int64_t span = (vocab + parts - 1) / parts;
+  // Each part of a row: its largest value, the first index holding it, and sum(e^(x - max)).
+  team.for_each(rows * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t lo = std::min(vocab, u % parts * span), hi = std::min(vocab, lo + span);
+      const float* x = logits + u / parts * vocab;
+      int64_t i = lo;
+      FVec vmax(-std::numeric_limits<float>::infinity());
+      for (; i + FVec::N <= hi; i += FVec::N) vmax = FVec::max(vmax, FVec::load(x + i));
+      float best = vmax.reduce_max();
+      for (; i < hi; ++i) best = std::max(best, x[i]);
+      int64_t index = lo;
+      while (index < hi && x[index] != best) ++index;
+      FVec sum = FVec::zero();
+      for (i = lo; i + FVec::N <= hi; i += FVec::N) sum = sum + exp(FVec::load(x + i) - FVec(best));
+      float total = sum.reduce_add();
+      for (; i < hi; ++i) total += std::exp(x[i] - best);
+      partials[u] = {best, index < hi ? total : 0.f, index};
     }
   });
-}
-
-void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab, int64_t* ids, float* logprobs) {
+  team.sync();
   team.for_each(rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* x = logits + r * vocab;
-      int64_t i = 0;
-      FVec vmax(-std::numeric_limits<float>::infinity());
-      for (; i + FVec::N <= vocab; i += FVec::N) vmax = FVec::max(vmax, FVec::load(x + i));
-      float best = vmax.reduce_max();
-      for (; i < vocab; ++i) best = std::max(best, x[i]);
-      int64_t index = 0;
-      while (index < vocab && x[index] != best) ++index;
-      FVec sum = FVec::zero();
-      i = 0;
-      for (; i + FVec::N <= vocab; i += FVec::N) sum = sum + exp(FVec::load(x + i) - FVec(best));
-      float total = sum.reduce_add();
-      for (; i < vocab; ++i) total += std::exp(x[i] - best);
-      ids[r] = index < vocab ? index : 0;
-      logprobs[r] = -std::log(total);
+      const ArgmaxPartial* p = partials + r * parts;
+      int64_t first = -1;  // the first part holding the row's largest value: torch.argmax's index
+      for (int64_t j = 0; j < parts; ++j)
+        if (p[j].sum > 0.f && (first < 0 || p[j].max > p[first].max)) first = j;
+      float total = 0.f;
+      for (int64_t j = 0; j < parts; ++j)
+        if (p[j].sum > 0.f) total += p[j].sum * std::exp(p[j].max - p[first].max);
+      ids[r] = first < 0 ? 0 : p[first].index;
+      logprobs[r] = first < 0 ? 0.f : -std::log(total);
     }
   });
 }
@@ -139,8 +130,7 @@ void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab
   template void add_rms_norm_row<T>(T*, const T*, const T*, float, int64_t, T*);                                \
   template void add_rms_norm<T>(Team&, T*, const T*, const T*, float, int64_t, int64_t, T*);                   \
   template void rope_and_cache<T>(Team&, const AttentionShape&, const RopeArgs&, int64_t, T*, int64_t, const T*, \
-                                  const T*, T*, T*);                                                          \
-  template void silu_and_mul<T>(Team&, const T*, int64_t, int64_t, T*);
+                                  const T*, T*, T*);
 THRIFTY_INSTANTIATE(float)
 THRIFTY_INSTANTIATE(bf16)
 #undef THRIFTY_INSTANTIATE

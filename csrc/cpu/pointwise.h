@@ -1,5 +1,5 @@
 // Row-wise kernels between the matmuls: RMSNorm fused with the residual add, rotary embedding
-// fused with the KV cache write, SiLU(gate) x up. Each rounds where the pure-torch reference
+// fused with the KV cache write, the greedy pick. Each rounds where the pure-torch reference
 // (thrifty/model/llama.py) rounds, so a bf16 model computes the same values up to the
 // summation order of its reductions.
 #pragma once
@@ -33,11 +33,16 @@ void rope_and_cache(Team& team, const AttentionShape& shape, const RopeArgs& arg
                     int64_t stride, const T* q_norm, const T* k_norm, T* k_cache, T* v_cache);
 
 // For each row of logits: the first index of its largest value (torch.argmax's choice) and that
-// value's log-softmax, in one read of the row for the max, one for the index, one for the sum.
-void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab, int64_t* ids, float* logprobs);
-
-// out[r, i] = silu(gate_up[r, i]) * gate_up[r, dim + i].
-template <typename T>
-void silu_and_mul(Team& team, const T* gate_up, int64_t rows, int64_t dim, T* out);
+// value's log-softmax. A row is cut into argmax_parts() parts when there are fewer rows than
+// threads (one decode: its vocabulary read by every thread), each part's max, index and sum of
+// exponentials kept in `partials` (rows * argmax_parts entries), merged after a barrier.
+struct ArgmaxPartial {
+  float max;
+  float sum;  // of e^(x - max) over the part; 0 for an empty part
+  int64_t index;
+};
+int64_t argmax_parts(int64_t rows, int num_threads);
+void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab, ArgmaxPartial* partials,
+                    int64_t* ids, float* logprobs);
 
 }  // namespace thrifty

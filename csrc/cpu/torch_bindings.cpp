@@ -114,15 +114,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& x, const c10::o
   return {residual, out};
 }
 
-at::Tensor silu_and_mul_op(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_and_mul: gate_up [rows, 2 * dim]");
-  at::Tensor x = gate_up.contiguous();
-  at::Tensor out = at::empty({x.size(0), x.size(1) / 2}, x.options());
+at::Tensor linear_silu_mul_op(const at::Tensor& x, const at::Tensor& packed, int64_t I) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "linear_silu_mul: x must be 2-D with contiguous rows");
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "linear_silu_mul: x and the weight must share a dtype");
+  const PackedLinear w = make_packed_linear(packed, c10::nullopt, 2 * ((I + kPanel - 1) / kPanel * kPanel), x.size(1));
+  at::Tensor act = at::empty({x.size(0), I}, x.options());
   dispatch(x, [&](auto t) {
     using T = decltype(t);
-    run_parallel(1, [&](Team& team) { silu_and_mul(team, data<T>(x), x.size(0), x.size(1) / 2, data<T>(out)); });
+    run_parallel(1, [&](Team& team) { linear_silu_mul(team, data<T>(x), x.size(0), x.stride(0), w, I, data<T>(act), I); });
   });
-  return out;
+  return act;
 }
 
 std::tuple<at::Tensor, at::Tensor> argmax_logprob_op(const at::Tensor& logits) {
@@ -130,13 +131,11 @@ std::tuple<at::Tensor, at::Tensor> argmax_logprob_op(const at::Tensor& logits) {
   at::Tensor x = logits.contiguous();
   at::Tensor ids = at::empty({x.size(0)}, x.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({x.size(0)}, x.options());
-  run_parallel(
-      1,
-      [&](Team& team) {
-        argmax_logprob(team, x.data_ptr<float>(), x.size(0), x.size(1), ids.data_ptr<int64_t>(),
-                       logprobs.data_ptr<float>());
-      },
-      int(x.size(0)));  // a row per thread at most
+  std::vector<ArgmaxPartial> partials(x.size(0) * argmax_parts(x.size(0), at::get_num_threads()));
+  run_parallel(2, [&](Team& team) {
+    argmax_logprob(team, x.data_ptr<float>(), x.size(0), x.size(1), partials.data(), ids.data_ptr<int64_t>(),
+                   logprobs.data_ptr<float>());
+  });
   return {ids, logprobs};
 }
 
@@ -152,7 +151,8 @@ TORCH_LIBRARY(thrifty, m) {
         "Tensor seq_lens, Tensor block_table) -> ()",
         &write_kv_op);
   m.def("rms_norm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)", &rms_norm_op);
-  m.def("silu_and_mul(Tensor gate_up) -> Tensor", &silu_and_mul_op);
+  m.def("pack_gate_up_weight(Tensor weight) -> Tensor", &pack_gate_up_weight);
+  m.def("linear_silu_mul(Tensor x, Tensor packed, int I) -> Tensor", &linear_silu_mul_op);
   m.def("argmax_logprob(Tensor logits) -> (Tensor, Tensor)", &argmax_logprob_op);
   m.class_<LlamaModel>("LlamaModel")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t>())

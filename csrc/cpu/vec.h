@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define THRIFTY_AVX512 1
@@ -197,6 +198,19 @@ inline FVec exp(FVec x) {
   p = FVec::fma(p, r, FVec(1.f));
   p = FVec::fma(p, r, FVec(1.f));
   return p * FVec::pow2(n_capped);
+}
+
+// What a tensor of element type T holds after an operation: every lane rounded (fp32: as is).
+template <typename T>
+inline FVec rounded(FVec v) {
+  if constexpr (std::is_same_v<T, bf16>) return v.round_bf16();
+  return v;
+}
+
+// SiLU(gate) * up as the reference computes it in T: the SiLU in fp32, rounded to T, times up.
+template <typename T>
+inline FVec silu_times(FVec gate, FVec up) {
+  return rounded<T>(gate / (FVec(1.f) + exp(FVec::zero() - gate))) * up;
 }
 
 // Reads FVec::N pairs (two consecutive bf16 per lane: a bf16 pair layout's lanes) as two float

@@ -42,7 +42,8 @@ def build_native_model(model: LlamaForCausalLM, block_size: int, k_caches: list[
                 layer.input_layernorm.weight, pack(attn.qkv_proj.weight), attn.qkv_proj.bias,
                 attn.q_norm.weight if attn.q_norm is not None else None,
                 attn.k_norm.weight if attn.k_norm is not None else None,
-                pack(attn.o_proj.weight), layer.post_attention_layernorm.weight, pack(mlp.gate_up_proj.weight),
+                pack(attn.o_proj.weight), layer.post_attention_layernorm.weight,
+                torch.ops.thrifty.pack_gate_up_weight(mlp.gate_up_proj.weight),
                 pack(mlp.down_proj.weight))
         tied = model.lm_head.weight is model.embed_tokens.weight
         native.set_head(None if tied else model.embed_tokens.weight, pack(model.lm_head.weight), model.norm.weight)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from thrifty.core.kv_cache_manager import cdiv
 from thrifty.core.scheduler import SchedulerOutput
 from thrifty.layers.attention import AttentionMetadata, kv_cache_shapes
-from thrifty.layers.sampler import Sampler, SamplingInput
+from thrifty.layers.sampler import Sampler, SamplerOutput, SamplingInput, greedy_output, only_argmax
 from thrifty.model.llama import LlamaForCausalLM
 from thrifty.sampling_params import SamplingParams
 
@@ -143,8 +144,9 @@ class ModelRunner:
         self.k_caches = [torch.zeros(k_shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v_caches = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         # Block tables of every request the runner holds, one row each, updated as blocks come.
-        self.block_table = torch.full((max_num_reqs, cdiv(max_model_len, block_size)), self.null_block,
-                                      dtype=torch.int32)
+        # The step's small host arrays are numpy: torch.tensor costs several times more per call
+        # at this size, and a batch-1 step makes a handful of them.
+        self.block_table = np.full((max_num_reqs, cdiv(max_model_len, block_size)), self.null_block, dtype=np.int32)
         self.free_rows = list(range(max_num_reqs - 1, -1, -1))
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler(seed)
@@ -168,8 +170,8 @@ class ModelRunner:
         for new in out.scheduled_new_reqs:
             self._remove(new.req_id)
             row = self._take_row()
-            self.block_table[row].fill_(self.null_block)
-            self.block_table[row, : len(new.block_ids)] = torch.tensor(new.block_ids, dtype=torch.int32)
+            self.block_table[row] = self.null_block
+            self.block_table[row, : len(new.block_ids)] = new.block_ids
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, new.prompt_token_ids, list(new.output_token_ids), new.sampling_params, row,
                 len(new.block_ids), new.num_computed_tokens)
@@ -181,14 +183,13 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
             if cached.new_block_ids:
                 n = state.num_blocks
-                self.block_table[state.row, n: n + len(cached.new_block_ids)] = torch.tensor(
-                    cached.new_block_ids, dtype=torch.int32)
+                self.block_table[state.row, n: n + len(cached.new_block_ids)] = cached.new_block_ids
                 state.num_blocks += len(cached.new_block_ids)
 
     def _take_row(self) -> int:
         if not self.free_rows:  # more requests at once than max_num_seqs (padding rows): grow
             old = self.block_table.shape[0]
-            self.block_table = torch.cat([self.block_table, torch.full_like(self.block_table, self.null_block)])
+            self.block_table = np.concatenate([self.block_table, np.full_like(self.block_table, self.null_block)])
             self.free_rows = list(range(2 * old - 1, old - 1, -1))
         return self.free_rows.pop()
 
@@ -226,18 +227,16 @@ class ModelRunner:
         for n in q_lens:
             qsl.append(qsl[-1] + n)
         batch = StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_table=self.block_table[torch.tensor(rows), :max_blocks],
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+            input_ids=torch.from_numpy(np.array(ids, dtype=np.int64)),
+            query_start_loc=torch.from_numpy(np.array(qsl, dtype=np.int32)),
+            seq_lens=torch.from_numpy(np.array(seq_lens, dtype=np.int32)),
+            block_table=torch.from_numpy(self.block_table[rows, :max_blocks]),
+            logits_indices=torch.from_numpy(np.array(logits_indices, dtype=np.int64)),
             q_lens=q_lens, seq_lens_list=seq_lens)
         return batch, sampled
 
     def _logits(self, batch: StepBatch) -> torch.Tensor:
-        if self.backend == "native":
-            return self.native.forward(batch.input_ids, batch.query_start_loc, batch.seq_lens, batch.block_table,
-                                       batch.logits_indices)
+        """The torch path's forward: the logits of the rows that sample."""
         dev = self.device
         positions = torch.cat([torch.arange(s - n, s) for n, s in zip(batch.q_lens, batch.seq_lens_list)]).to(dev)
         meta = AttentionMetadata.build(batch.q_lens, batch.seq_lens_list, batch.block_table.to(dev), positions,
@@ -245,15 +244,23 @@ class ModelRunner:
         hidden = self.model(batch.input_ids.to(dev), positions, list(zip(self.k_caches, self.v_caches)), meta)
         return self.model.compute_logits(hidden[batch.logits_indices.to(dev)])
 
+    def _forward_and_sample(self, batch: StepBatch, inputs: list[SamplingInput]) -> SamplerOutput:
+        if self.backend != "native":
+            return self.sampler(self._logits(batch), inputs)
+        # Rows that only need their argmax get it from the forward itself, with no second pass.
+        greedy = bool(inputs) and only_argmax(inputs)
+        logits, token_ids, logprobs = self.native.forward(batch.input_ids, batch.query_start_loc, batch.seq_lens,
+                                                          batch.block_table, batch.logits_indices, greedy)
+        if greedy:
+            return greedy_output(token_ids.tolist(), logprobs.tolist(), inputs)
+        return self.sampler(logits, inputs)
+
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
         self._update_states(out)
         batch, sampled = self._prepare(out)
-        logits = self._logits(batch)
-        if not sampled:
-            return {}
         inputs = [SamplingInput(s.sampling_params, s.prompt_token_ids, s.output_token_ids,
                                 self.generators.get(s.req_id)) for s in sampled]
-        result = self.sampler(logits, inputs)
+        result = self._forward_and_sample(batch, inputs)
         tokens = {}
         for i, state in enumerate(sampled):
             state.output_token_ids.append(result.token_ids[i])
