@@ -41,6 +41,8 @@ void linear(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& 
 // followed by up panel i (each half padded to whole panels), so that every tile of a matmul over
 // it holds both factors of its outputs.
 at::Tensor pack_gate_up_weight(const at::Tensor& weight);
+// The N of such a weight: both halves padded to whole panels.
+inline int64_t gate_up_rows(int64_t I) { return 2 * ((I + kPanel - 1) / kPanel * kPanel); }
 
 // act[M, I] = SiLU(x @ gate^T) * (x @ up^T) by the whole team, from a pack_gate_up_weight weight,
 // rounded as the unfused matmul and SiLU-and-multiply would round it in T.

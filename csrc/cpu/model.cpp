@@ -58,8 +58,7 @@ void LlamaModel::add_layer(const at::Tensor& input_norm, const at::Tensor& qkv, 
   }
   layer.qkv = make_packed_linear(qkv, qkv_bias, q_size + 2 * kv_size, hidden_);
   layer.o = make_packed_linear(o, c10::nullopt, hidden_, q_size);
-  const int64_t padded_intermediate = (intermediate_ + kPanel - 1) / kPanel * kPanel;
-  layer.gate_up = make_packed_linear(gate_up, c10::nullopt, 2 * padded_intermediate, hidden_);  // gate/up pairs
+  layer.gate_up = make_packed_linear(gate_up, c10::nullopt, gate_up_rows(intermediate_), hidden_);  // in pairs
   layer.down = make_packed_linear(down, c10::nullopt, hidden_, intermediate_);
   for (const PackedLinear* w : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down})
     TORCH_CHECK(w->data.scalar_type() == dtype_, "every packed weight of the model must have one dtype");
@@ -160,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> LlamaModel::forward(const at::Ten
   at::Tensor token_ids = buffer(kTokenIds, greedy ? S : 0, 1, at::kLong).view(-1);
   at::Tensor logprobs = buffer(kLogprobs, greedy ? S : 0, 1, at::kFloat).view(-1);
   Greedy pick{greedy ? token_ids.data_ptr<int64_t>() : nullptr, logprobs.data_ptr<float>(),
-                    std::vector<ArgmaxPartial>(greedy ? S * argmax_parts(S, at::get_num_threads()) : 0)};
+              std::vector<ArgmaxPartial>(greedy ? S * argmax_parts(S, at::get_num_threads()) : 0)};
   const RopeArgs rope{positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), cos_.data_ptr<float>(),
                       sin_.data_ptr<float>(), eps_};
   if (dtype_ == at::kBFloat16) {

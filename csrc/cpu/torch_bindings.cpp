@@ -117,11 +117,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& x, const c10::o
 at::Tensor linear_silu_mul_op(const at::Tensor& x, const at::Tensor& packed, int64_t I) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "linear_silu_mul: x must be 2-D with contiguous rows");
   TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "linear_silu_mul: x and the weight must share a dtype");
-  const PackedLinear w = make_packed_linear(packed, c10::nullopt, 2 * ((I + kPanel - 1) / kPanel * kPanel), x.size(1));
+  const PackedLinear w = make_packed_linear(packed, c10::nullopt, gate_up_rows(I), x.size(1));
   at::Tensor act = at::empty({x.size(0), I}, x.options());
   dispatch(x, [&](auto t) {
     using T = decltype(t);
-    run_parallel(1, [&](Team& team) { linear_silu_mul(team, data<T>(x), x.size(0), x.stride(0), w, I, data<T>(act), I); });
+    run_parallel(1, [&](Team& team) {
+      linear_silu_mul(team, data<T>(x), x.size(0), x.stride(0), w, I, data<T>(act), I);
+    });
   });
   return act;
 }
