@@ -34,12 +34,14 @@ dtype and max_model_len. `--vllm-args` / `--thrifty-args` pass extra LLM(...) ke
 
 Also measured in the same run: the machine's memory read bandwidth (torch sum over a 1 GiB
 tensor of random values on the benchmark's thread count, best of 5: before and after the rounds,
-and by each worker right before and right after its B1 run) and the bytes of weights one decode
-token reads (every linear weight + the LM head, from the safetensors header of the model's HF
-folder), which give each B1 run's "fraction of the bandwidth limit" = B1 tok/s / (bandwidth
-measured right before it / bytes per token), and the same against the bandwidth measured right
-after it; and whether both engines produce the same first 16 greedy tokens for the first W64
-prompt.
+and by each worker right before and right after each of its B1 runs) and the bytes of weights
+one decode token reads (every linear weight + the LM head, from the safetensors header of the
+model's HF folder), which give each B1 run's "fraction of the bandwidth limit" = B1 tok/s /
+(bandwidth measured right before it / bytes per token), and the same against the bandwidth
+measured right after it; and whether both engines produce the same first 16 greedy tokens for
+the first W64 prompt. B1 runs `--b1-repeats` times per round and engine (each between two
+measurements; the median run is the round's figure, every run is in the JSON), because one
+measurement a few seconds from the run can be 2x off the rate the run then gets.
 
 vLLM needs a HuggingFace folder; it is made once (--hf-dir, default /tmp/smollm2-hf) with
 /work/shared/peers/make_hf_folder.py run by this Python. That script leaves transformers'
@@ -110,6 +112,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
                     help="comma-separated subset of %(default)s")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--b1-repeats", type=int, default=3,
+                    help="B1 runs per round and engine, each between two bandwidth measurements (the median run "
+                         "is the round's figure)")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(BYTES_PER_ELEMENT))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scale", type=float, default=1.0,
@@ -301,12 +306,17 @@ def summarize(workloads: list[Workload], rounds: list[dict[str, dict[str, Any]]]
 
 
 def bandwidth_fraction(b1: dict[str, Any] | None, bytes_per_token: int, when: str) -> dict[str, Any] | None:
-    """B1 tok/s as a fraction of the bandwidth limit (every weight read once per token), each run
-    against the read bandwidth its worker measured right `when` ("before" or "after") it."""
+    """B1 tok/s as a fraction of the bandwidth limit (every weight read once per token): for each
+    engine, each round's runs against the read bandwidth its worker measured right `when`
+    ("before" or "after") the run, and the median over all of them."""
     if b1 is None:
         return None
-    return {e: [round(r[e]["output_tokens_per_s"] * bytes_per_token / (r[e][f"read_gbs_{when}"] * 1e9), 4)
-                for r in b1["rounds"]] for e in ENGINES}
+    out: dict[str, Any] = {}
+    for e in ENGINES:
+        per_round = [[round(run["output_tokens_per_s"] * bytes_per_token / (run[f"read_gbs_{when}"] * 1e9), 4)
+                      for run in r[e].get("runs", [r[e]])] for r in b1["rounds"]]
+        out[e] = {"rounds": per_round, "median": statistics.median(f for runs in per_round for f in runs)}
+    return out
 
 
 def first_mismatch(a: list[int], b: list[int]) -> int | None:
@@ -339,8 +349,8 @@ def main() -> None:
     spec = {
         "dtype": args.dtype, "threads": args.threads, "hf_dir": str(args.hf_dir), "max_model_len": args.max_model_len,
         "warmup": {"prompt": make_prompts(WARMUP, len(WORKLOADS))[0], "max_tokens": WARMUP.output_len},
-        "workloads": [{"name": w.name, "prompts": make_prompts(w, offsets[w.name]), "max_tokens": w.output_len}
-                      for w in workloads],
+        "workloads": [{"name": w.name, "prompts": make_prompts(w, offsets[w.name]), "max_tokens": w.output_len,
+                       "repeats": args.b1_repeats if w.name == "B1" else 1} for w in workloads],
         "check": {"prompt": make_prompts(WORKLOADS[0].scaled(args.scale), 0)[0], "max_tokens": args.check_tokens},
     }
 
@@ -392,6 +402,9 @@ def main() -> None:
         },
     }
     print_table(summary)
+    for key in ("b1_fraction_of_bandwidth_limit", "b1_fraction_of_bandwidth_limit_after"):
+        if result[key] is not None:
+            log(f"{key}: " + "  ".join(f"{e} {f['rounds']} median {f['median']:.2f}" for e, f in result[key].items()))
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.write_text(text + "\n")
