@@ -217,7 +217,7 @@ def test_rms_norm_matches_the_reference_layer(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 5, 70])
-@pytest.mark.parametrize("inter", [1536, 40])  # 40: each half ends in a ragged panel
+@pytest.mark.parametrize("inter", [1536, 40, 1032])  # 40, 1032: each half ends in a ragged panel
 def test_gate_up_with_silu_epilogue_matches_matmul_then_silu(dtype, rows, inter):
     """The fused gate/up matmul equals the unfused matmul (same kernel, same sums) followed by the
     reference SiLU x up, up to the last bits of exp: a bf16 rounding may land one step apart."""
@@ -235,12 +235,20 @@ def test_gate_up_with_silu_epilogue_matches_matmul_then_silu(dtype, rows, inter)
         assert torch.allclose(act, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 9])  # 1: the row is cut across the threads
-def test_argmax_logprob_matches_torch(rows):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 9])  # fewer rows than threads: each row is cut across them
+def test_argmax_logprob_matches_torch(rows, threads):
     torch.manual_seed(0)
     logits = torch.randn(rows, 49152) * 4
-    logits[0, 40000] = logits[0, 7] = 50.0  # a tie across halves: the first index wins, as in torch.argmax
-    ids, logprobs = torch.ops.thrifty.argmax_logprob(logits)
+    logits[0, 40000] = logits[0, 7] = 50.0  # a tie across parts: the first index wins, as in torch.argmax
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ids, logprobs = torch.ops.thrifty.argmax_logprob(logits)
+        empty_ids, _ = torch.ops.thrifty.argmax_logprob(logits[:0])
+    finally:
+        torch.set_num_threads(old)
+    assert empty_ids.shape == (0,)
     assert torch.equal(ids, logits.argmax(-1)) and ids[0] == 7
     ref = logits.log_softmax(-1).gather(1, ids[:, None]).squeeze(1)
     assert torch.allclose(logprobs, ref, atol=1e-5)
@@ -297,6 +305,22 @@ def _run_mixed(llm, logprobs=None):
     assert engine.stats.max_step_tokens <= 64 < max(len(o.prompt_token_ids) for o in outs), "and to chunk"
     assert any(o.num_cached_tokens > 0 for o in outs), "and to hit the prefix cache"
     return outs
+
+
+def test_a_step_that_samples_nothing():
+    """A prompt longer than a step, alone: its first chunks sample no row, so the forward runs
+    its LM head on no rows (this once crashed the process with a division by zero)."""
+    from thrifty import LLM, SamplingParams
+
+    prompt = {"prompt_token_ids": list(range(100, 300))}
+    params = SamplingParams(temperature=0, max_tokens=4)
+    tokens = {}
+    for backend in ("native", "torch"):
+        llm = LLM(dtype="float32", backend=backend, max_model_len=MAX_LEN, max_num_batched_tokens=64,
+                  kv_cache_memory=0.05)
+        tokens[backend] = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        assert llm.llm_engine.stats.num_steps > 4, "the prompt was meant to take several steps"
+    assert tokens["native"] == tokens["torch"] and len(tokens["native"]) == 4
 
 
 def test_fp32_native_equals_reference_under_mixed_scheduling():

@@ -20,6 +20,7 @@ constexpr int NR = 4;                     // panels per tile
 // tried (docs/native.md, Matmuls).
 constexpr int64_t kStreamRows = 2;
 constexpr int NR_STREAM = 8;
+static_assert(NR % 2 == 0 && NR_STREAM % 2 == 0, "gate/up tiles must hold whole (gate, up) panel pairs");
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -195,7 +196,9 @@ template <template <int, int> class Kernel, typename T, typename TOut>
 void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
                bool round_bf16, int64_t silu_mul_cols = 0) {
   // silu_mul_cols > 0: w is a gate/up pair weight (pack_gate_up_weight) and y gets that many
-  // columns of SiLU(gate) * up. Every tile then starts at an even panel and holds whole pairs.
+  // columns of SiLU(gate) * up. Every tile then starts at an even panel and holds whole pairs:
+  // chunks are whole tiles of an even number of panels, and the weight has an even number.
+  if (M == 0) return;  // a step whose rows all sample nothing still runs the LM head on none
   const int64_t panels = w.num_panels();
   const int64_t pstride = w.K * kPanel;  // bf16: K/2 pairs x 32; fp32: K x 16
   const T* wdata = reinterpret_cast<const T*>(w.data.data_ptr());

@@ -158,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> LlamaModel::forward(const at::Ten
   at::Tensor logits = buffer(kLogits, S, vocab_, at::kFloat);
   at::Tensor token_ids = buffer(kTokenIds, greedy ? S : 0, 1, at::kLong).view(-1);
   at::Tensor logprobs = buffer(kLogprobs, greedy ? S : 0, 1, at::kFloat).view(-1);
+  // (sized for torch's thread count, which the team never exceeds: more threads, more parts)
   Greedy pick{greedy ? token_ids.data_ptr<int64_t>() : nullptr, logprobs.data_ptr<float>(),
               std::vector<ArgmaxPartial>(greedy ? S * argmax_parts(S, at::get_num_threads()) : 0)};
   const RopeArgs rope{positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), cos_.data_ptr<float>(),
@@ -191,7 +192,9 @@ void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& bat
   T* final_rows = ptr(buffer(kFinal, num_logits, H, dt));
   T* final_x = ptr(buffer(kFinalResidual, num_logits, H, dt));
   const T* embedding = embedding_.defined() ? ptr(embedding_) : nullptr;
-  const int num_loops = int(layers_.size()) * 10 + 6;
+  // Work-shared loops per thread: per layer norm, qkv, rope, attention (2), o, norm, gate/up,
+  // down; then the embedding, the final norm, the head and the greedy pick (2).
+  const int num_loops = int(layers_.size()) * 9 + 5;
 
   run_parallel(num_loops, [&](Team& team) {
     // Thread 0 times each kernel from the barrier before it to the barrier after it.

@@ -85,7 +85,9 @@ void rope_and_cache(Team& team, const AttentionShape& sh, const RopeArgs& a, int
   });
 }
 
-int64_t argmax_parts(int64_t rows, int num_threads) { return rows >= num_threads ? 1 : num_threads / rows; }
+int64_t argmax_parts(int64_t rows, int num_threads) {
+  return rows == 0 || rows >= num_threads ? 1 : num_threads / rows;
+}
 
 void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab, ArgmaxPartial* partials,
                     int64_t* ids, float* logprobs) {
@@ -107,7 +109,8 @@ void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab
       for (i = lo; i + FVec::N <= hi; i += FVec::N) sum = sum + exp(FVec::load(x + i) - FVec(best));
       float total = sum.reduce_add();
       for (; i < hi; ++i) total += std::exp(x[i] - best);
-      partials[u] = {best, index < hi ? total : 0.f, index};
+      if (best == -std::numeric_limits<float>::infinity()) total = 0.f;  // e^(-inf - -inf) is NaN, not 1
+      partials[u] = {best, total, index < hi ? index : -1};  // -1: empty part, or no value equals the max (NaN)
     }
   });
   team.sync();
@@ -116,10 +119,10 @@ void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab
       const ArgmaxPartial* p = partials + r * parts;
       int64_t first = -1;  // the first part holding the row's largest value: torch.argmax's index
       for (int64_t j = 0; j < parts; ++j)
-        if (p[j].sum > 0.f && (first < 0 || p[j].max > p[first].max)) first = j;
+        if (p[j].index >= 0 && (first < 0 || p[j].max > p[first].max)) first = j;
       float total = 0.f;
       for (int64_t j = 0; j < parts; ++j)
-        if (p[j].sum > 0.f) total += p[j].sum * std::exp(p[j].max - p[first].max);
+        if (p[j].index >= 0) total += p[j].sum * std::exp(p[j].max - p[first].max);
       ids[r] = first < 0 ? 0 : p[first].index;
       logprobs[r] = first < 0 ? 0.f : -std::log(total);
     }

@@ -38,8 +38,8 @@ void rope_and_cache(Team& team, const AttentionShape& shape, const RopeArgs& arg
 // exponentials kept in `partials` (rows * argmax_parts entries), merged after a barrier.
 struct ArgmaxPartial {
   float max;
-  float sum;  // of e^(x - max) over the part; 0 for an empty part
-  int64_t index;
+  float sum;  // of e^(x - max) over the part
+  int64_t index;  // of the part's first max; -1 for an empty part
 };
 int64_t argmax_parts(int64_t rows, int num_threads);
 void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab, ArgmaxPartial* partials,

@@ -34,6 +34,10 @@ class SamplerOutput:
 # Logit processing shared by greedy and random rows
 
 
+def _below_min_tokens(inp: SamplingInput) -> bool:
+    return len(inp.output_token_ids) < inp.params.min_tokens
+
+
 def apply_min_tokens(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.Tensor:
     """Return logits with stop tokens masked for rows that have not reached min_tokens."""
     vocab = logits.shape[1]
@@ -41,7 +45,7 @@ def apply_min_tokens(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch
     cols: list[int] = []
     for i, inp in enumerate(inputs):
         params = inp.params
-        if len(inp.output_token_ids) >= params.min_tokens:
+        if not _below_min_tokens(inp):
             continue
         for tok in set(params.all_stop_token_ids) | set(params.stop_token_ids or ()):
             if 0 <= tok < vocab:
@@ -256,7 +260,7 @@ def only_argmax(inputs: list[SamplingInput]) -> bool:
     """True when every row's token is its raw logits' argmax and nothing else is asked of them
     (no penalties, no min_tokens masking, no top logprobs): a greedy pass suffices."""
     return all(inp.params.greedy and not inp.params.logprobs and not _uses_penalties(inp.params)
-               and len(inp.output_token_ids) >= inp.params.min_tokens for inp in inputs)
+               and not _below_min_tokens(inp) for inp in inputs)
 
 
 def greedy_output(token_ids: list[int], logprobs: list[float], inputs: list[SamplingInput]) -> "SamplerOutput":

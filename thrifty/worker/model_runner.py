@@ -247,7 +247,8 @@ class ModelRunner:
     def _forward_and_sample(self, batch: StepBatch, inputs: list[SamplingInput]) -> SamplerOutput:
         if self.backend != "native":
             return self.sampler(self._logits(batch), inputs)
-        # Rows that only need their argmax get it from the forward itself, with no second pass.
+        # When every row only needs its argmax, the forward itself picks it, with no second pass
+        # (and a step that samples no row asks for no pick).
         greedy = bool(inputs) and only_argmax(inputs)
         logits, token_ids, logprobs = self.native.forward(batch.input_ids, batch.query_start_loc, batch.seq_lens,
                                                           batch.block_table, batch.logits_indices, greedy)
