@@ -40,8 +40,9 @@ model's HF folder), which give each B1 run's "fraction of the bandwidth limit" =
 (bandwidth measured right before it / bytes per token), and the same against the bandwidth
 measured right after it; and whether both engines produce the same first 16 greedy tokens for
 the first W64 prompt. B1 runs `--b1-repeats` times per round and engine (each between two
-measurements; the median run is the round's figure, every run is in the JSON), because one
-measurement a few seconds from the run can be 2x off the rate the run then gets.
+measurements and with a prompt of its own; the median run is the round's figure, every run is in
+the JSON), because one measurement a few seconds from the run can be 2x off the rate the run then
+gets.
 
 vLLM needs a HuggingFace folder; it is made once (--hf-dir, default /tmp/smollm2-hf) with
 /work/shared/peers/make_hf_folder.py run by this Python. That script leaves transformers'
@@ -62,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -314,7 +315,7 @@ def bandwidth_fraction(b1: dict[str, Any] | None, bytes_per_token: int, when: st
     out: dict[str, Any] = {}
     for e in ENGINES:
         per_round = [[round(run["output_tokens_per_s"] * bytes_per_token / (run[f"read_gbs_{when}"] * 1e9), 4)
-                      for run in r[e].get("runs", [r[e]])] for r in b1["rounds"]]
+                      for run in r[e]["runs"]] for r in b1["rounds"]]
         out[e] = {"rounds": per_round, "median": statistics.median(f for runs in per_round for f in runs)}
     return out
 
@@ -335,6 +336,8 @@ def print_table(summary: dict[str, Any]) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.b1_repeats < 1:
+        raise SystemExit("--b1-repeats must be at least 1")
     workloads = [w.scaled(args.scale) for w in WORKLOADS if w.name in args.workloads]
 
     ensure_hf_folder(args.hf_dir, args.make_hf_script)
@@ -346,11 +349,12 @@ def main() -> None:
     # then the warm-up prompt's own. The check prompt is W64's first prompt, chosen or not.
     make_prompts = PromptMaker(args.hf_dir, args.max_model_len, args.seed)
     offsets = {w.name: i for i, w in enumerate(WORKLOADS)}
+    b1_runs = next((replace(w, num_prompts=args.b1_repeats) for w in workloads if w.name == "B1"), None)
     spec = {
         "dtype": args.dtype, "threads": args.threads, "hf_dir": str(args.hf_dir), "max_model_len": args.max_model_len,
         "warmup": {"prompt": make_prompts(WARMUP, len(WORKLOADS))[0], "max_tokens": WARMUP.output_len},
-        "workloads": [{"name": w.name, "prompts": make_prompts(w, offsets[w.name]), "max_tokens": w.output_len,
-                       "repeats": args.b1_repeats if w.name == "B1" else 1} for w in workloads],
+        "workloads": [{"name": w.name, "prompts": make_prompts(b1_runs if w.name == "B1" else w, offsets[w.name]),
+                       "max_tokens": w.output_len} for w in workloads],
         "check": {"prompt": make_prompts(WORKLOADS[0].scaled(args.scale), 0)[0], "max_tokens": args.check_tokens},
     }
 
