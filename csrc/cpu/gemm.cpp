@@ -194,7 +194,7 @@ TileFn<T, TOut> pick(int64_t rows, int64_t panels) {
 
 template <template <int, int> class Kernel, typename T, typename TOut>
 void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
-               bool round_bf16, int64_t silu_mul_cols = 0) {
+               bool round_bf16, int64_t silu_mul_cols) {
   // silu_mul_cols > 0: w is a gate/up pair weight (pack_gate_up_weight) and y gets that many
   // columns of SiLU(gate) * up. Every tile then starts at an even panel and holds whole pairs:
   // chunks are whole tiles of an even number of panels, and the weight has an even number.
@@ -234,6 +234,17 @@ void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinea
       }
     }
   });
+}
+
+// fp32 weights take the fp32 kernel; bf16 weights the bf16 kernel this CPU has.
+template <typename T, typename TOut>
+void run_linear(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
+                bool round_bf16, int64_t silu_mul_cols) {
+  if constexpr (std::is_same_v<T, float>) {
+    run_tiles<KernelFma>(team, x, M, ldx, w, y, ldy, round_bf16, silu_mul_cols);
+  } else {
+    run_tiles<KernelBf16>(team, x, M, ldx, w, y, ldy, round_bf16, silu_mul_cols);
+  }
 }
 
 }  // namespace
@@ -283,21 +294,13 @@ PackedLinear make_packed_linear(const at::Tensor& packed, const c10::optional<at
 template <typename T, typename TOut>
 void linear(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
             bool round_bf16) {
-  if constexpr (std::is_same_v<T, float>) {
-    run_tiles<KernelFma>(team, x, M, ldx, w, y, ldy, round_bf16);
-  } else {
-    run_tiles<KernelBf16>(team, x, M, ldx, w, y, ldy, round_bf16);
-  }
+  run_linear(team, x, M, ldx, w, y, ldy, round_bf16, 0);
 }
 
 template <typename T>
 void linear_silu_mul(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, int64_t I, T* act,
                      int64_t ldact) {
-  if constexpr (std::is_same_v<T, float>) {
-    run_tiles<KernelFma>(team, x, M, ldx, w, act, ldact, false, I);
-  } else {
-    run_tiles<KernelBf16>(team, x, M, ldx, w, act, ldact, false, I);
-  }
+  run_linear(team, x, M, ldx, w, act, ldact, false, I);
 }
 
 template void linear_silu_mul<float>(Team&, const float*, int64_t, int64_t, const PackedLinear&, int64_t, float*,

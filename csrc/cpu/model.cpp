@@ -158,9 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> LlamaModel::forward(const at::Ten
   at::Tensor logits = buffer(kLogits, S, vocab_, at::kFloat);
   at::Tensor token_ids = buffer(kTokenIds, greedy ? S : 0, 1, at::kLong).view(-1);
   at::Tensor logprobs = buffer(kLogprobs, greedy ? S : 0, 1, at::kFloat).view(-1);
-  // (sized for torch's thread count, which the team never exceeds: more threads, more parts)
   Greedy pick{greedy ? token_ids.data_ptr<int64_t>() : nullptr, logprobs.data_ptr<float>(),
-              std::vector<ArgmaxPartial>(greedy ? S * argmax_parts(S, at::get_num_threads()) : 0)};
+              std::vector<ArgmaxPartial>(greedy ? argmax_partials_size(S) : 0)};
   const RopeArgs rope{positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), cos_.data_ptr<float>(),
                       sin_.data_ptr<float>(), eps_};
   if (dtype_ == at::kBFloat16) {

@@ -42,6 +42,9 @@ struct ArgmaxPartial {
   int64_t index;  // of the part's first max; -1 for an empty part
 };
 int64_t argmax_parts(int64_t rows, int num_threads);
+// Entries of `partials` a call on `rows` rows needs with torch's thread count (a team never has
+// more threads, and fewer threads need fewer parts).
+inline int64_t argmax_partials_size(int64_t rows) { return rows * argmax_parts(rows, at::get_num_threads()); }
 void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab, ArgmaxPartial* partials,
                     int64_t* ids, float* logprobs);
 

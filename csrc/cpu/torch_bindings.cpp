@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> argmax_logprob_op(const at::Tensor& logits) {
   at::Tensor x = logits.contiguous();
   at::Tensor ids = at::empty({x.size(0)}, x.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({x.size(0)}, x.options());
-  std::vector<ArgmaxPartial> partials(x.size(0) * argmax_parts(x.size(0), at::get_num_threads()));
+  std::vector<ArgmaxPartial> partials(argmax_partials_size(x.size(0)));
   run_parallel(2, [&](Team& team) {
     argmax_logprob(team, x.data_ptr<float>(), x.size(0), x.size(1), partials.data(), ids.data_ptr<int64_t>(),
                    logprobs.data_ptr<float>());
