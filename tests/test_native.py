@@ -59,6 +59,79 @@ def test_linear_rejects_mismatched_inputs():
         torch.ops.thrifty.pack_linear_weight(torch.randn(16, 15, dtype=torch.bfloat16))
 
 
+# -- quantized matmuls ------------------------------------------------------------------------------
+
+def _quantized(method: str, n: int, k: int, group: int, seed: int):
+    from thrifty.model.quantization import quantize
+
+    torch.manual_seed(seed)
+    return quantize(torch.randn(n, k) * 0.05, method, group)
+
+
+QUANTIZED_CASES = [("int8", 32), ("int4", 32), ("int4", 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 70])  # 8 on: dequantized panels, float kernels
+@pytest.mark.parametrize("n, k", [(16, 64), (40, 128), (200, 192)])
+@pytest.mark.parametrize("method, group", QUANTIZED_CASES)
+def test_quantized_linear_matches_exact(method, group, n, k, rows, dtype):
+    """A quantized weight's matmul against float64 on its dequantized values, for every kernel
+    (int8, int4 by fp32 FMA or vdpbf16ps, the dequantize-then-float path of many rows): fp32
+    within 1e-5 relative to the output's scale (sum order only); bf16 activations the same
+    where the kernels multiply the exact weights (fewer than 8 rows), and within one bf16
+    rounding of each weight where they read weights rounded to bf16 (8 rows on)."""
+    from thrifty.model.quantization import pack_quantized
+
+    if k % group:
+        pytest.skip("the group does not divide k")
+    w = _quantized(method, n, k, group, seed=rows * 7 + n)
+    packed = pack_quantized(w)
+    x = torch.randn(rows, k).to(dtype)
+    bias = torch.randn(n)
+    exact = F.linear(x.double(), w.dequantize().double(), bias.double())
+    got = torch.ops.thrifty.linear(x, packed, bias, n, out_fp32=True)
+    scale = exact.abs().max()
+    if dtype == torch.bfloat16 and rows >= 8:
+        rounded = F.linear(x.double(), w.dequantize().bfloat16().double(), bias.double())
+        assert ((got.double() - rounded).abs() <= 1e-5 * scale).all()
+        assert ((got.double() - exact).abs() <= BF16_ULP * (x.double().abs() @ w.dequantize().double().abs().T)).all()
+    else:
+        assert ((got.double() - exact).abs() <= 1e-5 * scale).all()
+    same_type = torch.ops.thrifty.linear(x, packed, bias, n)
+    assert same_type.dtype == dtype and torch.equal(same_type, got.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("method, group", QUANTIZED_CASES)
+def test_quantized_gate_up_with_silu_epilogue_matches_matmul_then_silu(method, group, rows, dtype):
+    from thrifty.model.quantization import interleave_gate_up, pack_quantized
+
+    inter, k = 40, 128  # 40: each half ends in a ragged panel
+    w = _quantized(method, 2 * inter, k, group, seed=rows)
+    packed = pack_quantized(interleave_gate_up(w, inter))
+    x = torch.randn(rows, k).to(dtype)
+    gate_up = torch.ops.thrifty.linear(x, pack_quantized(w), None, 2 * inter)
+    ref = (F.silu(gate_up[:, :inter].float()).to(dtype) * gate_up[:, inter:]).to(dtype)
+    got = torch.ops.thrifty.linear_silu_mul(x, packed, inter)
+    assert within_ulps(got, ref.double(), 1, floor=1e-2) if dtype == torch.bfloat16 else \
+        torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_linear_rejects_bad_weights():
+    from thrifty.model.quantization import pack_quantized
+
+    packed = pack_quantized(_quantized("int4", 32, 64, 32, seed=0))
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match=r"is \[32, 64\], expected \[48, 64\]"):
+        torch.ops.thrifty.linear(x, packed, None, 48)
+    with pytest.raises(RuntimeError, match="bad header"):
+        torch.ops.thrifty.linear(x, torch.zeros_like(packed), None, 32)
+    with pytest.raises(RuntimeError, match="bytes, its header says"):
+        torch.ops.thrifty.linear(x, packed[:-1].clone(), None, 32)
+
+
 # -- attention -------------------------------------------------------------------------------------
 
 def _random_step(dtype, q_lens, seq_lens, heads=9, kv_heads=3, head_dim=64, block_size=16, seed=0):

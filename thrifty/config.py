@@ -10,6 +10,11 @@ from thrifty.cpuinfo import cpu_flags
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "native", "torch")  # see thrifty/worker/model_runner.py
+# Weight-only quantization (thrifty/model/quantization.py): "auto" keeps a GGUF file's Q8_0, Q4_0
+# and Q4_1 weights quantized and leaves other models float; "none" dequantizes everything at
+# load; "gguf" is auto for GGUF files only; "int8" and "int4" quantize any model at load.
+QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)  # int4's inputs per scale: multiples of the kernels' 32
 
 
 @cache
@@ -36,10 +41,17 @@ class EngineConfig:
     scheduler_policy: str = "continuous"
     num_threads: int | None = None  # CPU threads for torch; default: all cores
     backend: str = "auto"  # "native" (C++ CPU kernels), "torch" (the reference), "auto": native where it runs
+    quantization: str = "auto"  # see QUANTIZATIONS
+    quantization_group_size: int = 32  # int4: inputs per scale and min
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quantization_group_size not in GROUP_SIZES:
+            raise ValueError(f"quantization_group_size must be one of {GROUP_SIZES}, got "
+                             f"{self.quantization_group_size!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

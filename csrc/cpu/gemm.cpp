@@ -1,13 +1,17 @@
 // Packed-weight matmuls. One tile computes MR rows x NR panels (16 columns each) over all of K
-// in registers, then adds the bias and stores. Two inner kernels, both over pairs of k:
+// in registers, then adds the bias and stores. The inner kernels, all over pairs of k:
 //   bf16 weights with AVX512-BF16: vdpbf16ps, the activation pair broadcast;
-//   otherwise fp32 FMA: fp32 weights, or bf16 weights with each pair widened to two fp32 vectors.
+//   otherwise fp32 FMA: fp32 weights, or bf16 weights with each pair widened to two fp32 vectors;
+//   quantized weights: the quants decoded to floats in registers (int4 with AVX512-BF16 and bf16
+//   activations: to bf16 by a vpermw table, for vdpbf16ps), summed per group, then scaled.
 // At one row a matmul is bound by streaming the weights from memory, so a thread walks its
 // panels front to back; at many rows it is bound by the FMA units, and row blocks are sized so
 // that a block of x stays in L2 while the thread's panels pass over it.
 #include "gemm.h"
 
+#include <array>
 #include <cstring>
+#include <vector>
 
 namespace thrifty {
 namespace {
@@ -28,9 +32,10 @@ template <typename T, typename TOut>
 struct Tile {
   const T* x;  // the tile's first row
   int64_t ldx;
-  const T* w;  // the tile's first panel
-  int64_t pstride;  // elements from one panel to the next
+  const uint8_t* w;  // the tile's first panel
+  int64_t pstride;  // bytes from one panel to the next
   int64_t K;
+  const PackedLinear* lin;  // the weight's format
   const float* bias;  // at the tile's first column, or null
   TOut* y;  // the tile's first output
   int64_t ldy;
@@ -38,6 +43,11 @@ struct Tile {
   bool round_bf16;
   bool silu_mul;  // the panels are (gate, up) pairs and the tile stores SiLU(gate) * up
 };
+
+template <int M, int P>
+inline void set_zero(FVec (&acc)[M][P][S]) {
+  for (auto& row : acc) for (auto& panel : row) for (auto& v : panel) v = FVec::zero();
+}
 
 // Stores the first n of v's lanes at out.
 template <typename TOut>
@@ -111,11 +121,12 @@ struct KernelFma {
   template <typename T, typename TOut>
   static void run(const Tile<T, TOut>& t) {
     FVec acc[M][P][S];
-    for (auto& row : acc) for (auto& panel : row) for (auto& v : panel) v = FVec::zero();
+    set_zero(acc);
     for (int64_t p = 0; p < t.K / 2; ++p) {
       FVec first[P][S], second[P][S];
       for (int j = 0; j < P; ++j)
-        for (int s = 0; s < S; ++s) load_k_pair(t.w + j * t.pstride, p, s, first[j][s], second[j][s]);
+        for (int s = 0; s < S; ++s)
+          load_k_pair(reinterpret_cast<const T*>(t.w + j * t.pstride), p, s, first[j][s], second[j][s]);
       for (int m = 0; m < M; ++m) {
         const FVec b0(to_float(t.x[m * t.ldx + 2 * p]));
         const FVec b1(to_float(t.x[m * t.ldx + 2 * p + 1]));
@@ -138,7 +149,7 @@ struct KernelBf16Dot {
     for (auto& row : acc) for (auto& v : row) v = _mm512_setzero_ps();
     for (int64_t p = 0; p < t.K / 2; ++p) {
       __m512i w[P];
-      for (int j = 0; j < P; ++j) w[j] = _mm512_loadu_si512(t.w + j * t.pstride + p * 2 * kPanel);
+      for (int j = 0; j < P; ++j) w[j] = _mm512_loadu_si512(t.w + j * t.pstride + p * 2 * kPanel * sizeof(bf16));
       for (int m = 0; m < M; ++m) {
         int32_t pair;
         std::memcpy(&pair, t.x + m * t.ldx + 2 * p, sizeof(pair));
@@ -159,8 +170,170 @@ template <int M, int P>
 using KernelBf16 = KernelFma<M, P>;
 #endif
 
+// Quantized weights (gemm.h's layouts): the quants of k pair p of a group, for a panel's s-th
+// slice of FVec::N outputs, as floats.
+struct Int8Quants {
+  static void load_k_pair(const uint8_t* quants, int64_t p, int s, FVec& first, FVec& second) {
+    first = load_int8(quants + 2 * p * kPanel + s * FVec::N);
+    second = load_int8(quants + (2 * p + 1) * kPanel + s * FVec::N);
+  }
+};
+
+struct Int4Quants {  // pair p is chunk p / 2's low (p even) or high (p odd) nibbles
+  static void load_k_pair(const uint8_t* quants, int64_t p, int s, FVec& first, FVec& second) {
+    load_nibble_pairs(quants + p / 2 * 2 * kPanel + s * 2 * FVec::N, p % 2 * 4, first, second);
+  }
+};
+
+// acc += d * (a group's sums of x * q) + m * (the group's sum of x), for the group of the tile's
+// panels at `group` (the first panel's group; the scales follow its quants) starting at k0.
+template <int M, int P, typename T, typename TOut>
+inline void add_scaled_group(FVec (&acc)[M][P][S], const FVec (&sums)[M][P][S], const uint8_t* group,
+                             const Tile<T, TOut>& t, int64_t k0) {
+  const PackedLinear& w = *t.lin;
+  float x_sums[M];
+  if (w.has_min) {
+    for (int m = 0; m < M; ++m) {
+      FVec sum = FVec::zero();
+      for (int64_t k = k0; k < k0 + w.group; k += FVec::N) sum = sum + FVec::load(t.x + m * t.ldx + k);
+      x_sums[m] = sum.reduce_add();
+    }
+  }
+  for (int j = 0; j < P; ++j) {
+    const uint8_t* scales = group + j * t.pstride + w.quant_bytes();
+    for (int s = 0; s < S; ++s) {
+      const FVec d = load_fp16(scales + s * FVec::N * 2);
+      for (int m = 0; m < M; ++m) acc[m][j][s] = FVec::fma(sums[m][j][s], d, acc[m][j][s]);
+      if (w.has_min) {
+        const FVec mins = load_fp16(scales + (kPanel + s * FVec::N) * 2);
+        for (int m = 0; m < M; ++m) acc[m][j][s] = FVec::fma(FVec(x_sums[m]), mins, acc[m][j][s]);
+      }
+    }
+  }
+}
+
+// Quantized weights by fp32 multiply-adds, any activation type.
+template <int M, int P, typename Quants>
+struct KernelQuantFma {
+  template <typename T, typename TOut>
+  static void run(const Tile<T, TOut>& t) {
+    const PackedLinear& w = *t.lin;
+    FVec acc[M][P][S];
+    set_zero(acc);
+    for (int64_t k0 = 0; k0 < t.K; k0 += w.group) {
+      const uint8_t* group = t.w + k0 / w.group * w.group_bytes();
+      FVec sums[M][P][S];
+      set_zero(sums);
+      for (int64_t p = 0; p < w.group / 2; ++p) {
+        FVec first[P][S], second[P][S];
+        for (int j = 0; j < P; ++j)
+          for (int s = 0; s < S; ++s) Quants::load_k_pair(group + j * t.pstride, p, s, first[j][s], second[j][s]);
+        for (int m = 0; m < M; ++m) {
+          const FVec b0(to_float(t.x[m * t.ldx + k0 + 2 * p]));
+          const FVec b1(to_float(t.x[m * t.ldx + k0 + 2 * p + 1]));
+          for (int j = 0; j < P; ++j)
+            for (int s = 0; s < S; ++s)
+              sums[m][j][s] = FVec::fma(b1, second[j][s], FVec::fma(b0, first[j][s], sums[m][j][s]));
+        }
+      }
+      add_scaled_group<M, P>(acc, sums, group, t, k0);
+    }
+    store_tile<M, P>(acc, t);
+  }
+};
+template <int M, int P>
+using KernelInt8 = KernelQuantFma<M, P, Int8Quants>;
+
+#if defined(THRIFTY_AVX512BF16)
+// int4 weights and bf16 activations: 32 bytes of nibbles widened to 16-bit lanes, each nibble
+// turned into its bf16 value by one vpermw (a 32-entry table indexed by the lane's low 5 bits),
+// then vdpbf16ps as for bf16 weights: one chunk (4 k) is two vdpbf16ps per panel.
+template <int M, int P>
+struct KernelInt4Dot {
+  template <typename T, typename TOut>
+  static void run(const Tile<T, TOut>& t) {
+    static_assert(std::is_same_v<T, bf16>, "vdpbf16ps multiplies bf16 pairs");
+    static const std::array<bf16, 32> table = [] {
+      std::array<bf16, 32> a{};
+      for (int i = 0; i < 32; ++i) a[i] = float_to_bf16(float(i & 15));  // bit 4: the high nibble's
+      return a;
+    }();
+    const __m512i lut = _mm512_loadu_si512(table.data());
+    const PackedLinear& w = *t.lin;
+    FVec acc[M][P][S];
+    set_zero(acc);
+    for (int64_t k0 = 0; k0 < t.K; k0 += w.group) {
+      const uint8_t* group = t.w + k0 / w.group * w.group_bytes();
+      __m512 dots[M][P];
+      for (auto& row : dots) for (auto& v : row) v = _mm512_setzero_ps();
+      for (int64_t c = 0; c < w.group / 4; ++c) {
+        __m512i low[P], high[P];
+        for (int j = 0; j < P; ++j) {
+          const __m512i bytes = _mm512_cvtepu8_epi16(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + j * t.pstride + c * 2 * kPanel)));
+          low[j] = _mm512_permutexvar_epi16(bytes, lut);
+          high[j] = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), lut);
+        }
+        for (int m = 0; m < M; ++m) {
+          int32_t pairs[2];
+          std::memcpy(pairs, t.x + m * t.ldx + k0 + 4 * c, sizeof(pairs));
+          const __m512bh b0 = (__m512bh)_mm512_set1_epi32(pairs[0]), b1 = (__m512bh)_mm512_set1_epi32(pairs[1]);
+          for (int j = 0; j < P; ++j)
+            dots[m][j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(dots[m][j], b0, (__m512bh)low[j]), b1, (__m512bh)high[j]);
+        }
+      }
+      FVec sums[M][P][S];
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < P; ++j) sums[m][j][0] = FVec(dots[m][j]);
+      add_scaled_group<M, P>(acc, sums, group, t, k0);
+    }
+    store_tile<M, P>(acc, t);
+  }
+};
+#endif
+
+template <int M, int P>
+using KernelInt4Fma = KernelQuantFma<M, P, Int4Quants>;
+
 template <typename T, typename TOut>
 using TileFn = void (*)(const Tile<T, TOut>&);
+
+// Panels [0, np) from `panels` of a quantized weight as the float panels of T that the float
+// kernels read (gemm.h's fp32 or bf16 layout), each weight d * q + m rounded to T.
+template <typename Quants, typename T>
+void dequantize_panels(const PackedLinear& w, const uint8_t* panels, int64_t np, T* out) {
+  for (int64_t j = 0; j < np; ++j) {
+    const uint8_t* panel = panels + j * w.panel_bytes();
+    T* dst = out + j * w.K * kPanel;
+    for (int64_t k0 = 0; k0 < w.K; k0 += w.group) {
+      const uint8_t* group = panel + k0 / w.group * w.group_bytes();
+      const uint8_t* scales = group + w.quant_bytes();
+      for (int s = 0; s < S; ++s) {
+        const FVec d = load_fp16(scales + s * FVec::N * 2);
+        const FVec m = w.has_min ? load_fp16(scales + (kPanel + s * FVec::N) * 2) : FVec::zero();
+        for (int64_t p = 0; p < w.group / 2; ++p) {
+          FVec first, second;
+          Quants::load_k_pair(group, p, s, first, second);
+          first = FVec::fma(first, d, m);
+          second = FVec::fma(second, d, m);
+          const int64_t k = k0 + 2 * p;
+          if constexpr (std::is_same_v<T, bf16>) {
+            store_bf16_pairs(dst + k * kPanel + s * 2 * FVec::N, first, second);
+          } else {
+            first.store(dst + k * kPanel + s * FVec::N);
+            second.store(dst + (k + 1) * kPanel + s * FVec::N);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void dequantize_panels(const PackedLinear& w, const uint8_t* panels, int64_t np, T* out) {
+  if (w.format == WeightFormat::kInt8) return dequantize_panels<Int8Quants>(w, panels, np, out);
+  dequantize_panels<Int4Quants>(w, panels, np, out);
+}
 
 template <template <int, int> class Kernel, int M, typename T, typename TOut>
 TileFn<T, TOut> pick_panels(int64_t panels) {
@@ -192,7 +365,14 @@ TileFn<T, TOut> pick(int64_t rows, int64_t panels) {
   }
 }
 
-template <template <int, int> class Kernel, typename T, typename TOut>
+// From this many rows on, a quantized matmul is bound by multiply-adds, which the float kernels
+// do faster than the quantized ones (vdpbf16ps, no per-group sums): each thread dequantizes a
+// run of panels into a scratch that stays in L2 and runs the float kernel over every row.
+constexpr int64_t kDequantizeRows = 8;
+
+// Kernel: w's own; FloatKernel: the float kernel for T, which quantized weights dequantized
+// for many rows take.
+template <template <int, int> class Kernel, template <int, int> class FloatKernel, typename T, typename TOut>
 void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
                bool round_bf16, int64_t silu_mul_cols) {
   // silu_mul_cols > 0: w is a gate/up pair weight (pack_gate_up_weight) and y gets that many
@@ -200,8 +380,8 @@ void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinea
   // chunks are whole tiles of an even number of panels, and the weight has an even number.
   if (M == 0) return;  // a step whose rows all sample nothing still runs the LM head on none
   const int64_t panels = w.num_panels();
-  const int64_t pstride = w.K * kPanel;  // bf16: K/2 pairs x 32; fp32: K x 16
-  const T* wdata = reinterpret_cast<const T*>(w.data.data_ptr());
+  const int64_t pstride = w.panel_bytes();
+  const uint8_t* wdata = w.panels();
   const float* bias = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
   // Row blocks whose x (about 128 KiB) stays in L2 while the panels of a chunk pass over it.
   const int64_t block_rows = std::max<int64_t>(MR, (int64_t(128) << 10) / (w.K * int64_t(sizeof(T))) / MR * MR);
@@ -215,35 +395,72 @@ void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinea
   const int64_t chunks = std::min(cdiv(panels, nr), std::max<int64_t>(1, cdiv(per_thread * team.nth, row_blocks)));
   const int64_t chunk_panels = cdiv(cdiv(panels, chunks), nr) * nr;
   const int64_t num_chunks = cdiv(panels, chunk_panels);
+  const bool dequantize = w.is_quantized() && M >= kDequantizeRows;
   team.for_each(row_blocks * num_chunks, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<T> scratch;  // dequantized panels
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t m0 = unit / num_chunks * mb, m1 = std::min(M, m0 + mb);
       const int64_t p0 = unit % num_chunks * chunk_panels, p1 = std::min(panels, p0 + chunk_panels);
-      for (int64_t p = p0; p < p1; p += nr) {
-        const int64_t np = std::min<int64_t>(nr, p1 - p);
+      for (int64_t pb = p0; pb < p1; pb += nr) {
+        const int64_t pe = std::min(p1, pb + nr);
+        const uint8_t* block = wdata + pb * pstride;  // panels [pb, pe)
+        int64_t block_stride = pstride;
+        if (dequantize) {
+          scratch.resize(size_t(nr * w.K * kPanel));
+          dequantize_panels(w, block, pe - pb, scratch.data());
+          block = reinterpret_cast<const uint8_t*>(scratch.data());
+          block_stride = w.K * kPanel * int64_t(sizeof(T));
+        }
         for (int64_t m = m0; m < m1; m += MR) {
           const int64_t nm = std::min<int64_t>(MR, m1 - m);
-          const int64_t col = silu_mul_cols ? p / 2 * kPanel : p * kPanel;  // the tile's first output
-          const int64_t cols = silu_mul_cols ? std::min(np / 2 * kPanel, silu_mul_cols - col)
-                                             : std::min(np * kPanel, w.N - col);
-          Tile<T, TOut> tile{x + m * ldx, ldx, wdata + p * pstride, pstride, w.K,
-                             bias ? bias + p * kPanel : nullptr, y + m * ldy + col, ldy,
-                             cols, round_bf16, silu_mul_cols > 0};
-          pick<Kernel, T, TOut>(nm, np)(tile);
+          // Quantized tiles keep a second set of accumulators (a group's sums): fewer panels,
+          // so that both sets stay in registers. Always even, for gate/up pairs.
+          const bool quantized = w.is_quantized() && !dequantize;
+          const int64_t tile_nr = quantized ? (nm == 1 ? 8 : nm == 2 ? 4 : 2) : nr;
+          for (int64_t p = pb; p < pe; p += tile_nr) {
+            const int64_t np = std::min(tile_nr, pe - p);
+            const int64_t col = silu_mul_cols ? p / 2 * kPanel : p * kPanel;  // the tile's first output
+            const int64_t cols = silu_mul_cols ? std::min(np / 2 * kPanel, silu_mul_cols - col)
+                                               : std::min(np * kPanel, w.N - col);
+            Tile<T, TOut> tile{x + m * ldx, ldx, block + (p - pb) * block_stride, block_stride, w.K, &w,
+                               bias ? bias + p * kPanel : nullptr, y + m * ldy + col, ldy,
+                               cols, round_bf16, silu_mul_cols > 0};
+            (quantized ? pick<Kernel, T, TOut>(nm, np) : pick<FloatKernel, T, TOut>(nm, np))(tile);
+          }
         }
       }
     }
   });
 }
 
-// fp32 weights take the fp32 kernel; bf16 weights the bf16 kernel this CPU has.
+// Quantized weights take their format's kernel, float weights (and quantized ones for many rows)
+// FloatKernel.
+template <template <int, int> class FloatKernel, typename T, typename TOut>
+void run_quantized_or(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y,
+                      int64_t ldy, bool round_bf16, int64_t silu_mul_cols) {
+  if (w.format == WeightFormat::kInt8) {
+    run_tiles<KernelInt8, FloatKernel>(team, x, M, ldx, w, y, ldy, round_bf16, silu_mul_cols);
+  } else if (w.format == WeightFormat::kInt4) {
+#if defined(THRIFTY_AVX512BF16)
+    if constexpr (std::is_same_v<T, bf16>) {
+      run_tiles<KernelInt4Dot, FloatKernel>(team, x, M, ldx, w, y, ldy, round_bf16, silu_mul_cols);
+      return;
+    }
+#endif
+    run_tiles<KernelInt4Fma, FloatKernel>(team, x, M, ldx, w, y, ldy, round_bf16, silu_mul_cols);
+  } else {
+    run_tiles<FloatKernel, FloatKernel>(team, x, M, ldx, w, y, ldy, round_bf16, silu_mul_cols);
+  }
+}
+
+// fp32 activations take the fp32 kernel; bf16 ones the bf16 kernel this CPU has.
 template <typename T, typename TOut>
 void run_linear(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinear& w, TOut* y, int64_t ldy,
                 bool round_bf16, int64_t silu_mul_cols) {
   if constexpr (std::is_same_v<T, float>) {
-    run_tiles<KernelFma>(team, x, M, ldx, w, y, ldy, round_bf16, silu_mul_cols);
+    run_quantized_or<KernelFma>(team, x, M, ldx, w, y, ldy, round_bf16, silu_mul_cols);
   } else {
-    run_tiles<KernelBf16>(team, x, M, ldx, w, y, ldy, round_bf16, silu_mul_cols);
+    run_quantized_or<KernelBf16>(team, x, M, ldx, w, y, ldy, round_bf16, silu_mul_cols);
   }
 }
 
@@ -278,12 +495,33 @@ at::Tensor pack_gate_up_weight(const at::Tensor& weight) {
 
 PackedLinear make_packed_linear(const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N,
                                 int64_t K) {
-  TORCH_CHECK(packed.is_contiguous() && packed.numel() == cdiv(N, kPanel) * kPanel * K,
-              "packed weight does not match its shape [", N, ", ", K, "]");
   PackedLinear w;
   w.data = packed;
   w.N = N;
   w.K = K;
+  if (packed.scalar_type() == at::kByte) {
+    TORCH_CHECK(packed.is_contiguous() && packed.numel() >= kQuantHeader,
+                "quantized packed weight: expected a contiguous uint8 tensor of at least ", kQuantHeader, " bytes");
+    QuantHeader h;
+    std::memcpy(&h, packed.data_ptr(), sizeof(h));
+    TORCH_CHECK(h.magic == QuantHeader::kMagic && (h.bits == 4 || h.bits == 8),
+                "quantized packed weight: not thrifty's layout (bad header)");
+    TORCH_CHECK(h.N == N && h.K == K, "quantized packed weight is [", h.N, ", ", h.K, "], expected [", N, ", ", K, "]");
+    // int4 chunks are 4 k, the mins' sums of x whole vectors: groups of 32 (of pairs for int8).
+    const int64_t multiple = h.bits == 4 || h.has_min ? 32 : 2;
+    TORCH_CHECK(h.group > 0 && K % h.group == 0 && h.group % multiple == 0,
+                "quantized packed weight: the group size must be a multiple of ", multiple,
+                " dividing the input size ", K, ", got ", h.group);
+    w.format = WeightFormat(h.bits);
+    w.group = h.group;
+    w.has_min = h.has_min != 0;
+    TORCH_CHECK(packed.numel() == kQuantHeader + w.num_panels() * w.panel_bytes(),
+                "quantized packed weight has ", packed.numel(), " bytes, its header says ",
+                kQuantHeader + w.num_panels() * w.panel_bytes());
+  } else {
+    TORCH_CHECK(packed.is_contiguous() && packed.numel() == cdiv(N, kPanel) * kPanel * K,
+                "packed weight does not match its shape [", N, ", ", K, "]");
+  }
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " elements, expected ", N);
     w.bias = bias->to(at::kFloat).contiguous();
@@ -311,6 +549,37 @@ template void linear<float, float>(Team&, const float*, int64_t, int64_t, const 
 template void linear<bf16, bf16>(Team&, const bf16*, int64_t, int64_t, const PackedLinear&, bf16*, int64_t, bool);
 template void linear<bf16, float>(Team&, const bf16*, int64_t, int64_t, const PackedLinear&, float*, int64_t, bool);
 
+namespace {
+
+// Row n of a quantized weight as d * q + m (q * d first, as llama.cpp dequantizes), rounded to T.
+template <typename T>
+void dequantize_row(const PackedLinear& w, int64_t n, T* row) {
+  const int64_t lane = n % kPanel;
+  const uint8_t* panel = w.panels() + n / kPanel * w.panel_bytes();
+  for (int64_t k0 = 0; k0 < w.K; k0 += w.group) {
+    const uint8_t* quants = panel + k0 / w.group * w.group_bytes();
+    const uint8_t* scales = quants + w.quant_bytes();
+    uint16_t bits[2] = {0, 0};
+    std::memcpy(&bits[0], scales + 2 * lane, 2);
+    if (w.has_min) std::memcpy(&bits[1], scales + 2 * (kPanel + lane), 2);
+    const float d = half_to_float(bits[0]), m = half_to_float(bits[1]);
+    for (int64_t k = 0; k < w.group; ++k) {
+      int q;
+      if (w.format == WeightFormat::kInt8) {
+        q = int8_t(quants[k * kPanel + lane]);
+      } else {
+        const uint8_t byte = quants[k / 4 * 2 * kPanel + 2 * lane + k % 2];
+        q = k % 4 < 2 ? byte & 15 : byte >> 4;
+      }
+      float v = float(q) * d;
+      if (w.has_min) v += m;
+      store_scalar(row + k0 + k, v);
+    }
+  }
+}
+
+}  // namespace
+
 template <typename T>
 void gather_rows(Team& team, const PackedLinear& w, const int64_t* ids, int64_t num_ids, T* out) {
   const T* data = reinterpret_cast<const T*>(w.data.data_ptr());
@@ -318,6 +587,10 @@ void gather_rows(Team& team, const PackedLinear& w, const int64_t* ids, int64_t 
   team.for_each(num_ids, team.chunk_for(num_ids), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = ids[t];
+      if (w.is_quantized()) {
+        dequantize_row(w, n, out + t * K);
+        continue;
+      }
       const T* panel = data + n / kPanel * K * kPanel;
       const int64_t lane = n % kPanel;
       T* row = out + t * K;

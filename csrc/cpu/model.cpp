@@ -46,7 +46,7 @@ void LlamaModel::add_layer(const at::Tensor& input_norm, const at::Tensor& qkv, 
                            const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
                            const at::Tensor& o, const at::Tensor& post_norm, const at::Tensor& gate_up,
                            const at::Tensor& down) {
-  dtype_ = qkv.scalar_type();
+  dtype_ = input_norm.scalar_type();  // the model's: its norms are never quantized
   const int64_t D = shape_.head_dim, q_size = shape_.num_heads * D, kv_size = shape_.num_kv_heads * D;
   Layer layer;
   layer.input_norm = checked_vector(input_norm, hidden_, dtype_, "input_layernorm");
@@ -61,14 +61,15 @@ void LlamaModel::add_layer(const at::Tensor& input_norm, const at::Tensor& qkv, 
   layer.gate_up = make_packed_linear(gate_up, c10::nullopt, gate_up_rows(intermediate_), hidden_);  // in pairs
   layer.down = make_packed_linear(down, c10::nullopt, hidden_, intermediate_);
   for (const PackedLinear* w : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down})
-    TORCH_CHECK(w->data.scalar_type() == dtype_, "every packed weight of the model must have one dtype");
+    TORCH_CHECK(w->data.scalar_type() == dtype_ || w->is_quantized(),
+                "every float packed weight must have the model's dtype (its norms')");
   layers_.push_back(std::move(layer));
 }
 
 void LlamaModel::set_head(const c10::optional<at::Tensor>& embedding, const at::Tensor& head,
                           const at::Tensor& final_norm) {
   head_ = make_packed_linear(head, c10::nullopt, vocab_, hidden_);
-  TORCH_CHECK(head.scalar_type() == dtype_, "the LM head must have the layers' dtype");
+  TORCH_CHECK(head_.is_quantized() || head.scalar_type() == dtype_, "a float LM head must have the layers' dtype");
   final_norm_ = checked_vector(final_norm, hidden_, dtype_, "norm");
   if (embedding.has_value()) {
     TORCH_CHECK(embedding->dim() == 2 && embedding->size(0) == vocab_ && embedding->size(1) == hidden_,

@@ -27,7 +27,8 @@ void dispatch(const at::Tensor& t, F&& body) {
 at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                      int64_t N, bool out_fp32) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "linear: x must be 2-D with contiguous rows");
-  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "linear: x and the weight must share a dtype");
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type() || packed.scalar_type() == at::kByte,
+              "linear: x and a float weight must share a dtype");
   const PackedLinear w = make_packed_linear(packed, bias, N, x.size(1));
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
@@ -116,7 +117,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& x, const c10::o
 
 at::Tensor linear_silu_mul_op(const at::Tensor& x, const at::Tensor& packed, int64_t I) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "linear_silu_mul: x must be 2-D with contiguous rows");
-  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "linear_silu_mul: x and the weight must share a dtype");
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type() || packed.scalar_type() == at::kByte,
+              "linear_silu_mul: x and a float weight must share a dtype");
   const PackedLinear w = make_packed_linear(packed, c10::nullopt, gate_up_rows(I), x.size(1));
   at::Tensor act = at::empty({x.size(0), I}, x.options());
   dispatch(x, [&](auto t) {

@@ -232,4 +232,92 @@ inline void load_pairs(const bf16* p, FVec& first, FVec& second) {
 #endif
 }
 
+
+// Quantized weights (gemm.h): IEEE fp16 scales, int8 quants and pairs of 4-bit quants.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (exp == 0) return std::copysign(std::ldexp(float(mant), -24), sign ? -1.f : 1.f);  // zero, subnormal
+  const uint32_t u = sign | (exp == 31 ? 0x7f800000u : (exp + 112) << 23) | (mant << 13);
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// FVec::N fp16 at p.
+inline FVec load_fp16(const uint8_t* p) {
+#if defined(THRIFTY_AVX512)
+  return FVec(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(THRIFTY_AVX2)
+  return FVec(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  FVec r;
+  for (int i = 0; i < FVec::N; ++i) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);
+    r.v[i] = half_to_float(h);
+  }
+  return r;
+#endif
+}
+
+// FVec::N int8 at p.
+inline FVec load_int8(const uint8_t* p) {
+#if defined(THRIFTY_AVX512)
+  return FVec(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(THRIFTY_AVX2)
+  return FVec(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  FVec r;
+  for (int i = 0; i < FVec::N; ++i) r.v[i] = float(int8_t(p[i]));
+  return r;
+#endif
+}
+
+// 2 * FVec::N bytes where byte 2i + e holds lane i's e-th value in the nibble at `shift` (0: low,
+// 4: high), as two float vectors (e = 0, e = 1) of the unsigned nibbles.
+inline void load_nibble_pairs(const uint8_t* p, int shift, FVec& first, FVec& second) {
+#if defined(THRIFTY_AVX512)
+  const __m512i w = _mm512_srl_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+                                     _mm_cvtsi32_si128(shift));
+  const __m512i mask = _mm512_set1_epi32(15);
+  first = FVec(_mm512_cvtepi32_ps(_mm512_and_si512(w, mask)));
+  second = FVec(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w, 8), mask)));
+#elif defined(THRIFTY_AVX2)
+  const __m256i w = _mm256_srl_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                                     _mm_cvtsi32_si128(shift));
+  const __m256i mask = _mm256_set1_epi32(15);
+  first = FVec(_mm256_cvtepi32_ps(_mm256_and_si256(w, mask)));
+  second = FVec(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, 8), mask)));
+#else
+  for (int i = 0; i < FVec::N; ++i) {
+    first.v[i] = float((p[2 * i] >> shift) & 15);
+    second.v[i] = float((p[2 * i + 1] >> shift) & 15);
+  }
+#endif
+}
+
+// Stores FVec::N pairs as bf16, lane i's pair (first[i], second[i]) side by side: the layout
+// of bf16 weight panels and of load_pairs.
+inline void store_bf16_pairs(bf16* p, FVec first, FVec second) {
+#if defined(THRIFTY_AVX512BF16)
+  // [first's 16 | second's 16] in bf16, then interleaved: word 2i from first, 2i + 1 from second.
+  static const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  _mm512_storeu_si512(p, _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(second.v, first.v)));
+#elif defined(THRIFTY_AVX512)
+  const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(first.round_bf16().v), 16);
+  const __m512i hi = _mm512_castps_si512(second.round_bf16().v);  // low half already zero
+  _mm512_storeu_si512(p, _mm512_or_si512(lo, hi));
+#elif defined(THRIFTY_AVX2)
+  const __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(first.round_bf16().v), 16);
+  const __m256i hi = _mm256_castps_si256(second.round_bf16().v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(lo, hi));
+#else
+  for (int i = 0; i < FVec::N; ++i) {
+    p[2 * i] = float_to_bf16(first.v[i]);
+    p[2 * i + 1] = float_to_bf16(second.v[i]);
+  }
+#endif
+}
+
 }  // namespace thrifty

@@ -88,7 +88,8 @@ class LLMEngine:
             torch.set_num_threads(config.resolve_num_threads())
         self.source = resolve_model(config.model, config.load_format)
         self.model_name = self.source.name
-        model = load_model(self.source, self.dtype, device, config.seed)
+        model = load_model(self.source, self.dtype, device, config.seed, config.quantization,
+                           config.quantization_group_size)
         cfg = model.config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:

@@ -6,7 +6,7 @@ import argparse
 import math
 import sys
 
-from thrifty.config import EngineConfig
+from thrifty.config import GROUP_SIZES, QUANTIZATIONS, EngineConfig
 from thrifty.cost.cli import register as register_cost
 from thrifty.report.cli import register as register_report
 
@@ -37,6 +37,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default=d.backend, choices=["auto", "native", "torch"],
                    help="native: the C++ CPU kernels (built by make); torch: the pure-torch reference path; "
                         "auto: native where it runs (CPU, library built), else torch")
+    g.add_argument("--quantization", "-q", default=d.quantization, choices=list(QUANTIZATIONS),
+                   help="weights: auto keeps a GGUF file's Q8_0/Q4_0/Q4_1 matrices quantized (the default "
+                        "model is Q4_1) and other models float; none dequantizes at load; gguf: as auto, for "
+                        "GGUF files only; int8 (a scale per output) or int4 (a scale and min per group) "
+                        "quantize any model at load (the LM head to int8). Quantized kernels: native backend")
+    g.add_argument("--quantization-group-size", type=int, default=d.quantization_group_size,
+                   choices=list(GROUP_SIZES), help="int4: inputs per scale and min")
 
 
 def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
@@ -45,7 +52,8 @@ def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
               gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, num_threads=args.num_threads,
-              scheduler_policy=args.scheduler, backend=args.backend)
+              scheduler_policy=args.scheduler, backend=args.backend, quantization=args.quantization,
+              quantization_group_size=args.quantization_group_size)
     kw.update(overrides)
     return kw
 

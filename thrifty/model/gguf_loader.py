@@ -4,7 +4,8 @@ The container is parsed here rather than with `gguf.GGUFReader`, which builds
 a Python object per tokenizer string and takes seconds on a 49k-token vocab;
 the block dequantizers are our own, vectorized with numpy. The `gguf` package
 supplies only the type enums and block sizes. Everything is dequantized to
-float32 at load time: the engine runs unquantized weights.
+float32 at load time (the reference path's weights); `load_gguf_weights` also
+keeps the Q8_0, Q4_0 and Q4_1 matrices as they are, for the native kernels.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
+
+from thrifty.model.quantization import QuantizedWeight, from_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +163,7 @@ _FLOAT_DECODERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] 
 }
 
 SUPPORTED_GGUF_TYPES: tuple[str, ...] = tuple(t.name for t in (*_FLOAT_DECODERS, *_BLOCK_DECODERS))
+_BLOCK_NAMES_Q = frozenset(t.name for t in _BLOCK_DECODERS)
 
 
 def dequantize(
@@ -426,6 +430,16 @@ def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     unsupported file fails fast. `lm_head.weight` is present only when the file
     has an untied `output.weight`.
     """
+    config, state_dict, _ = load_gguf_weights(path, keep_quantized=False)
+    return config, state_dict
+
+
+def load_gguf_weights(
+    path: str, keep_quantized: bool
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    """load_gguf, plus (with `keep_quantized`) the matrices of the types thrifty has kernels for
+    (Q8_0, Q4_0, Q4_1) as the file stores them, by HF name; the state dict still holds every
+    tensor dequantized (the reference path's weights)."""
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     meta, tensors = _parse_gguf(buf)
@@ -455,10 +469,22 @@ def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     heads_for = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
 
     state_dict: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantizedWeight] = {}
+    without_kernel: set[str] = set()
     for info, hf_name in wanted:
-        weight = _dequantize_np(_tensor_bytes(buf, info), info.type_id, info.shape)
+        raw = _tensor_bytes(buf, info)
+        weight = _dequantize_np(raw, info.type_id, info.shape)
+        kept = from_gguf(_type_name(info.type_id), raw, info.shape) if keep_quantized else None
+        if keep_quantized and kept is None and len(info.shape) == 2 and _type_name(info.type_id) in _BLOCK_NAMES_Q:
+            without_kernel.add(_type_name(info.type_id))
         proj = hf_name.split(".")[-2]
         if arch in _PERMUTED_ARCHS and proj in heads_for:
             weight = _unpermute_rope(weight, heads_for[proj])
+            if kept is not None:
+                kept = kept.map_rows(lambda t, n=heads_for[proj]: _unpermute_rope(t, n).contiguous())
         state_dict[hf_name] = torch.from_numpy(weight)
-    return config, state_dict
+        if kept is not None:
+            quantized[hf_name] = kept
+    for type_name in sorted(without_kernel):
+        logger.info("thrifty: no kernel for GGUF type %s: its tensors are dequantized at load", type_name)
+    return config, state_dict, quantized

@@ -6,6 +6,8 @@ five small ones: fewer kernel launches and better use of the CPU's vector units.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,13 @@ from thrifty.layers.attention import AttentionMetadata, paged_attention, write_k
 from thrifty.layers.linear import Linear
 from thrifty.layers.rotary import RotaryEmbedding, apply_rotary
 from thrifty.model.config import ModelArchConfig
+from thrifty.model.quantization import QuantizedWeight, cat_rows
+
+logger = logging.getLogger(__name__)
+
+# HF's separate projections and the fused parameter each is a shard of.
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
 
 class RMSNorm(nn.Module):
@@ -94,6 +103,9 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_len, cfg.rope_theta, cfg.rope_scaling)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # see tie_weights
+        # Quantized matmul weights by module name, for the native kernels; the parameters then
+        # hold their dequantized values (what the reference path computes with).
+        self.quantized: dict[str, QuantizedWeight] = {}
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
@@ -143,26 +155,59 @@ class LlamaForCausalLM(nn.Module):
                 param.data[offset: offset + tensor.shape[0]].copy_(tensor)
             loaded.add(name)
 
-        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
         for hf_name, tensor in weights.items():
-            name = hf_name.removeprefix("model.")
-            if name.endswith("rotary_emb.inv_freq"):
+            target = self._param_for(hf_name)
+            if target is None:
                 continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue  # tied: the embedding serves as the head
-            parts = name.split(".")
-            if len(parts) >= 2 and parts[-2] in fused:
-                target, shard = fused[parts[-2]]
-                name = ".".join(parts[:-2] + [target, parts[-1]])
-                put(name, tensor, self._shard_offset(target, shard))
-            elif name in params:
-                put(name, tensor)
-            else:
+            name, shard = target
+            if name not in params:
                 raise ValueError(f"unexpected weight {hf_name!r} for {self.config.model_type}")
+            put(name, tensor, self._shard_offset(name.split(".")[-2], shard) if shard is not None else 0)
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+
+    def set_quantized(self, weights: dict[str, QuantizedWeight]) -> None:
+        """Keep HF-named quantized matrices for the native kernels, fused as the parameters are
+        (q, k, v into qkv_proj; gate, up into gate_up_proj), by module name. A fused matmul
+        whose parts have different formats, or are not all quantized, stays float."""
+        shards: dict[str, dict[int, QuantizedWeight]] = {}
+        for hf_name, w in weights.items():
+            target = self._param_for(hf_name)
+            if target is None:
+                continue
+            name, shard = target
+            module = name.removesuffix(".weight")
+            if module == "embed_tokens":
+                if not self.config.tie_word_embeddings:
+                    continue  # a separate embedding table stays float: only a few rows are read
+                module = "lm_head"
+            shards.setdefault(module, {})[shard or 0] = w
+        for module, parts in shards.items():
+            count = 3 if module.endswith("qkv_proj") else 2 if module.endswith("gate_up_proj") else 1
+            fused = cat_rows([parts[i] for i in range(count)]) if len(parts) == count else None
+            if fused is None:
+                logger.info("thrifty: %s: its parts are not all quantized alike; kept as float", module)
+                continue
+            self.quantized[module] = fused
+
+    def quantized_linears(self) -> list[tuple[str, Linear]]:
+        """The matmuls that can be quantized, by module name: every layer's and the LM head."""
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, Linear)]
+
+    def _param_for(self, hf_name: str) -> tuple[str, int | None] | None:
+        """The parameter an HF-named weight goes to, and its shard of a fused one (None: whole);
+        None for weights that are not loaded (rotary tables, a tied head)."""
+        name = hf_name.removeprefix("model.")
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return None  # tied: the embedding serves as the head
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in _FUSED:
+            target, shard = _FUSED[parts[-2]]
+            return ".".join(parts[:-2] + [target, parts[-1]]), shard
+        return name, None
 
     def _shard_offset(self, target: str, shard: int) -> int:
         cfg = self.config

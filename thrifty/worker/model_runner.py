@@ -156,9 +156,16 @@ class ModelRunner:
         if self.backend == "native":
             from thrifty.native.model import build_native_model
 
-            self.native = build_native_model(model, block_size, self.k_caches, self.v_caches)
+            self.native, self.weight_bytes = build_native_model(model, block_size, self.k_caches, self.v_caches)
         else:
+            if model.quantized:
+                logger.warning("thrifty: the %s backend has no quantized kernels: it computes with the %d quantized "
+                               "matmuls' dequantized values (same results, no memory or time saved)",
+                               self.backend, len(model.quantized))
+                model.quantized = {}
             model.prepack()
+            params = {id(p): p for p in model.parameters()}.values()  # a tied head counts once
+            self.weight_bytes = sum(p.numel() * p.element_size() for p in params)
 
     # -- request states ---------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:
