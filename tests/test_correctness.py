@@ -29,6 +29,33 @@ def test_prefill_logprobs_match_transformers(any_llm, hf_model):
         assert out.outputs[0].token_ids[0] == int(ref.argmax())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prompt_logprobs_match_transformers(backend, hf_model):
+    """Every prompt position's logprob (of the actual next token, its rank, the top 3), with the
+    prompt chunked over several steps beside another request, and asked twice: a request with
+    prompt logprobs never takes prefix-cache hits, which would leave positions uncomputed."""
+    llm = LLM(dtype="float32", backend=backend, max_model_len=512, max_num_batched_tokens=16, kv_cache_memory=0.05)
+    tok = llm.get_tokenizer()
+    prompt = PROMPTS[-1]
+    ids = tok.encode(prompt)
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), -1)
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3)
+    for out in llm.generate([prompt, PROMPTS[0], prompt], [params, SamplingParams(max_tokens=4), params],
+                            use_tqdm=False)[::2]:
+        assert out.num_cached_tokens == 0 and len(out.prompt_logprobs) == len(ids) > 16
+        assert out.prompt_logprobs[0] is None
+        for pos in range(1, len(ids)):
+            entry, expected = out.prompt_logprobs[pos], ref[pos - 1]
+            actual = entry[ids[pos]]
+            assert actual.logprob == pytest.approx(expected[ids[pos]].item(), abs=2e-4)
+            assert actual.rank == int((expected > expected[ids[pos]]).sum()) + 1
+            top3 = set(expected.topk(3).indices.tolist())
+            assert top3 <= set(entry) and len(entry) in (3, 4)
+    with pytest.raises(ValueError, match="prompt_logprobs must be >= 0"):
+        SamplingParams(prompt_logprobs=-1)
+
+
 def test_greedy_matches_transformers_in_a_mixed_batch(any_llm, hf_greedy):
     outs = any_llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert _tokens(outs) == hf_greedy

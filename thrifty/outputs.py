@@ -55,4 +55,6 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     cost_usd: float | None = None  # set by the server: this request's share of the steps it ran in
-    prompt_logprobs: None = field(default=None, repr=False)
+    # SamplingParams.prompt_logprobs: per prompt token (None for the first, which nothing
+    # predicts) its logprob and the top ones, as CompletionOutput.logprobs.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = field(default=None, repr=False)

@@ -25,6 +25,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Per prompt token, its logprob given the tokens before it and the top ones (vLLM's); the
+    # request then skips the prefix cache, whose hits would leave positions uncomputed.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Filled by the engine: the model's EOS ids (so min_tokens can hold them back).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
@@ -68,6 +71,8 @@ class SamplingParams:
             raise bad("min_tokens", f"({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if self.logprobs is not None and self.logprobs < 0:
             raise bad("logprobs", f"must be >= 0, got {self.logprobs}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise bad("prompt_logprobs", f"must be >= 0, got {self.prompt_logprobs}")
         if any(not s for s in self.stop):
             raise bad("stop", "must not contain empty strings")
 

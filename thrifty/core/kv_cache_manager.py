@@ -55,8 +55,8 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest run of cached full blocks at the start of the request, and their token count."""
-        if not self._hashing(request):
-            return [], 0
+        if not self._hashing(request) or request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # prompt logprobs need every prompt position computed
         hashes = self._block_hashes(request)
         # The last token must be computed to produce logits, so never hit on all of them.
         max_hit_blocks = (request.num_tokens - 1) // self.block_size

@@ -60,6 +60,7 @@ class _RequestState:
     seqs: list[_Sequence]
     metrics: RequestMetrics
     num_unfinished: int = 0
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # SamplingParams.prompt_logprobs
 
 
 @dataclass
@@ -159,7 +160,8 @@ class LLMEngine:
         if request_id in self._states or any(i in self._seq_parent for i in seq_ids):
             raise ValueError(f"request_id {request_id!r} is already in use")
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        state = _RequestState(request_id, text, ids, [], RequestMetrics(arrival), params.n)
+        state = _RequestState(request_id, text, ids, [], RequestMetrics(arrival), params.n,
+                              [None] * len(ids) if params.prompt_logprobs is not None else None)
         leader = None
         for i in range(params.n):
             child_params = params.clone()
@@ -224,6 +226,10 @@ class LLMEngine:
                 self.abort_request(request_id)
             raise StepFailed(failed, stats, e) from e
         self._count_tokens(out, len(sampled))
+        for req_id, entries in self.runner.prompt_logprobs.items():
+            state = self._seq_parent.get(req_id)
+            if state is not None:
+                self._record_prompt_logprobs(state, entries)
         self.scheduler.update_from_output(out, {rid: t.token_id for rid, t in sampled.items()})
         now = time.monotonic()
         self._record_kv_usage(self.scheduler.make_stats())
@@ -278,6 +284,15 @@ class LLMEngine:
                 metrics.finished_time = now
                 self._states.pop(state.request_id, None)
 
+    def _record_prompt_logprobs(self, state: _RequestState, entries: list) -> None:
+        decode = state.seqs[0].detok.decode_token
+        for position, token_id, logprob, rank, top in entries:
+            entry = {token_id: Logprob(logprob, rank, decode(token_id))}
+            for r, (tid, lp) in enumerate(top or (), start=1):
+                if tid != token_id:
+                    entry[tid] = Logprob(lp, r, decode(tid))
+            state.prompt_logprobs[position] = entry
+
     def _forget(self, seq_id: str) -> None:
         self._seq_parent.pop(seq_id, None)  # the runner forgets it once the scheduler frees it
 
@@ -290,7 +305,8 @@ class LLMEngine:
         ]
         leader = state.seqs[0].request
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs,
-                             state.num_unfinished == 0, state.metrics, max(leader.num_cached_tokens, 0))
+                             state.num_unfinished == 0, state.metrics, max(leader.num_cached_tokens, 0),
+                             prompt_logprobs=state.prompt_logprobs)
 
     def _count_tokens(self, out, num_sampled: int) -> None:
         st = self.stats

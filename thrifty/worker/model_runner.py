@@ -34,6 +34,17 @@ class SampledToken:
 
 
 @dataclass
+class PromptRows:
+    """A step's rows whose logits predict prompt tokens: positions [start, start + count) of a
+    request asking for prompt logprobs, at flat rows [first_row, first_row + count)."""
+
+    state: CachedRequestState
+    start: int
+    first_row: int
+    count: int
+
+
+@dataclass
 class CachedRequestState:
     """What the runner keeps of a request between steps."""
 
@@ -153,15 +164,19 @@ class ModelRunner:
         # Seeded requests' generators outlive a preemption: a resumed request goes on sampling
         # from where its stream was, so its output does not depend on being preempted.
         self.generators: dict[str, torch.Generator] = {}
+        self.prompt_logprobs: dict[str, list] = {}  # the last step's, see execute
         if self.backend == "native":
             from thrifty.native.model import build_native_model
 
             self.native, self.weight_bytes = build_native_model(model, block_size, self.k_caches, self.v_caches)
         else:
             if model.quantized:
-                logger.warning("thrifty: the %s backend has no quantized kernels: it computes with the %d quantized "
-                               "matmuls' dequantized values (same results, no memory or time saved)",
-                               self.backend, len(model.quantized))
+                # A documented fallback; a warning where the user asked for int8/int4 themselves.
+                asked = any(w.kind in ("int8", "int4") for w in model.quantized.values())
+                logger.log(logging.WARNING if asked else logging.INFO,
+                           "thrifty: the %s backend has no quantized kernels: it computes with the %d quantized "
+                           "matmuls' dequantized values (same results, no memory or time saved)",
+                           self.backend, len(model.quantized))
                 model.quantized = {}
             model.prepack()
             params = {id(p): p for p in model.parameters()}.values()  # a tied head counts once
@@ -206,7 +221,7 @@ class ModelRunner:
             self.free_rows.append(state.row)
 
     # -- the step -----------------------------------------------------------------------------
-    def _prepare(self, out: SchedulerOutput) -> tuple[StepBatch, list[CachedRequestState]]:
+    def _prepare(self, out: SchedulerOutput) -> tuple[StepBatch, list[CachedRequestState], list[PromptRows]]:
         seqs: list[tuple[CachedRequestState, int, int]] = []  # state, first position, new tokens
         for req_id, n in out.num_scheduled_tokens.items():
             state = self.requests[req_id]
@@ -220,8 +235,10 @@ class ModelRunner:
         ids: list[int] = []
         q_lens, seq_lens, rows, logits_indices = [], [], [], []
         sampled: list[CachedRequestState] = []
+        prompt_rows: list[PromptRows] = []  # their logits go after the sampled rows'
         padding = set(out.padding_req_ids)
         for state, start, n in seqs:
+            first_row = len(ids)
             ids.extend([state.token_at(start)] if n == 1 else state.tokens(start, start + n))
             q_lens.append(n)
             seq_lens.append(start + n)
@@ -229,6 +246,10 @@ class ModelRunner:
             if start + n == state.num_tokens and state.req_id not in padding:
                 logits_indices.append(len(ids) - 1)
                 sampled.append(state)
+            # Position p's logits predict prompt token p + 1 (the last one's, the first output).
+            end = min(start + n, len(state.prompt_token_ids) - 1)
+            if state.sampling_params.prompt_logprobs is not None and start < end:
+                prompt_rows.append(PromptRows(state, start, first_row, end - start))
         max_blocks = cdiv(max(seq_lens), self.block_size)
         qsl = [0]
         for n in q_lens:
@@ -238,9 +259,10 @@ class ModelRunner:
             query_start_loc=torch.from_numpy(np.array(qsl, dtype=np.int32)),
             seq_lens=torch.from_numpy(np.array(seq_lens, dtype=np.int32)),
             block_table=torch.from_numpy(self.block_table[rows, :max_blocks]),
-            logits_indices=torch.from_numpy(np.array(logits_indices, dtype=np.int64)),
+            logits_indices=torch.from_numpy(np.array(
+                logits_indices + [r.first_row + i for r in prompt_rows for i in range(r.count)], dtype=np.int64)),
             q_lens=q_lens, seq_lens_list=seq_lens)
-        return batch, sampled
+        return batch, sampled, prompt_rows
 
     def _logits(self, batch: StepBatch) -> torch.Tensor:
         """The torch path's forward: the logits of the rows that sample."""
@@ -251,24 +273,50 @@ class ModelRunner:
         hidden = self.model(batch.input_ids.to(dev), positions, list(zip(self.k_caches, self.v_caches)), meta)
         return self.model.compute_logits(hidden[batch.logits_indices.to(dev)])
 
-    def _forward_and_sample(self, batch: StepBatch, inputs: list[SamplingInput]) -> SamplerOutput:
+    def _forward_and_sample(self, batch: StepBatch, inputs: list[SamplingInput]) -> tuple[SamplerOutput, torch.Tensor]:
+        """The sampled tokens, and the logits of the rows after the sampled ones (prompt logprobs)."""
+        n = len(inputs)
         if self.backend != "native":
-            return self.sampler(self._logits(batch), inputs)
+            logits = self._logits(batch)
+            return self.sampler(logits[:n], inputs), logits[n:]
         # When every row only needs its argmax, the forward itself picks it, with no second pass
         # (and a step that samples no row asks for no pick).
         greedy = bool(inputs) and only_argmax(inputs)
         logits, token_ids, logprobs = self.native.forward(batch.input_ids, batch.query_start_loc, batch.seq_lens,
                                                           batch.block_table, batch.logits_indices, greedy)
         if greedy:
-            return greedy_output(token_ids.tolist(), logprobs.tolist(), inputs)
-        return self.sampler(logits, inputs)
+            return greedy_output(token_ids[:n].tolist(), logprobs[:n].tolist(), inputs), logits[n:]
+        return self.sampler(logits[:n], inputs), logits[n:]
+
+    def _prompt_logprobs(self, prompt_rows: list[PromptRows], logits: torch.Tensor) -> dict[str, list]:
+        """Per request, (position, token, logprob, rank, top logprobs) of the prompt tokens this
+        step predicted."""
+        result: dict[str, list] = {}
+        row = 0
+        for r in prompt_rows:
+            logprobs = torch.log_softmax(logits[row: row + r.count].float(), dim=-1)
+            row += r.count
+            targets = torch.tensor(r.state.prompt_token_ids[r.start + 1: r.start + 1 + r.count])
+            chosen = logprobs.gather(1, targets[:, None])
+            ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+            chosen = chosen[:, 0].tolist()
+            k = r.state.sampling_params.prompt_logprobs
+            top = torch.topk(logprobs, k, dim=-1) if k else None
+            result.setdefault(r.state.req_id, []).extend(
+                (r.start + 1 + i, int(targets[i]), chosen[i], ranks[i],
+                 list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else None)
+                for i in range(r.count))
+        return result
 
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
+        """Runs the step; returns each sampling request's token. The prompt logprobs the step
+        computed are left in `self.prompt_logprobs` (request id -> entries) for the engine."""
         self._update_states(out)
-        batch, sampled = self._prepare(out)
+        batch, sampled, prompt_rows = self._prepare(out)
         inputs = [SamplingInput(s.sampling_params, s.prompt_token_ids, s.output_token_ids,
                                 self.generators.get(s.req_id)) for s in sampled]
-        result = self._forward_and_sample(batch, inputs)
+        result, prompt_logits = self._forward_and_sample(batch, inputs)
+        self.prompt_logprobs = self._prompt_logprobs(prompt_rows, prompt_logits) if prompt_rows else {}
         tokens = {}
         for i, state in enumerate(sampled):
             state.output_token_ids.append(result.token_ids[i])
