@@ -123,7 +123,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-model-len", type=int, default=2048, help="vLLM's max_model_len; also the dataset's cap")
     ap.add_argument("--seed", type=int, default=0, help="dataset seed of the first workload (W64)")
     ap.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared on the first W64 prompt")
-    ap.add_argument("--thrifty-args", type=json.loads, default={},
+    # Both engines on the same dense weights: thrifty would otherwise serve the default model's
+    # own Q4_1 matrices (quantization "auto"); benchmarks/precisions.py compares those.
+    ap.add_argument("--thrifty-args", type=json.loads, default={"quantization": "none"},
                     help="JSON dict of extra thrifty LLM(...) keywords, e.g. '{\"max_num_seqs\": 64}'")
     ap.add_argument("--vllm-args", type=json.loads, default={},
                     help="JSON dict of extra vLLM LLM(...) keywords, e.g. '{\"max_num_batched_tokens\": 8192}'")

@@ -29,13 +29,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", action="store_true", help="profile the prefill steps instead")
+    ap.add_argument("--quantization", default="none", help="weights (EngineConfig.quantization)")
     args = ap.parse_args()
 
     from thrifty import LLM, SamplingParams
     from thrifty.bench.datasets import make_dataset
     from thrifty.cpuinfo import cpu_flags_line, cpu_name
 
-    llm = LLM(dtype=args.dtype, num_threads=args.threads, backend="native")
+    llm = LLM(dtype=args.dtype, num_threads=args.threads, backend="native", quantization=args.quantization)
     engine = llm.llm_engine
     special = set(engine.tokenizer.all_special_ids) | set(engine.eos_token_ids)
     reqs = make_dataset("random", args.num_prompts, args.input_len, args.steps + 2, engine.vocab_size, special,
@@ -71,7 +72,7 @@ def main() -> None:
     kernels = {k: ms(v) for k, v in prof.items() if k != "forward"}
     result = {
         "phase": "prefill" if args.prefill else "decode", "batch": args.num_prompts, "context": args.input_len,
-        "steps": args.steps, "dtype": args.dtype,
+        "steps": args.steps, "dtype": args.dtype, "quantization": args.quantization,
         "threads": args.threads, "step_ms": ms(wall), "forward_ms": ms(prof["forward"]),
         "matmuls_ms": ms(matmuls), "outside_matmuls_ms": ms(wall - matmuls),
         "outside_forward_ms": ms(wall - prof["forward"]),

@@ -52,7 +52,7 @@ def main() -> None:
     from thrifty.bench.throughput import run_throughput
     from thrifty.cpuinfo import cpu_name
 
-    llm = LLM(dtype=args.dtype, num_threads=args.threads)
+    llm = LLM(dtype=args.dtype, num_threads=args.threads, quantization="none")  # transformers' dense weights
     thrifty = run_throughput(llm, "random", args.num_prompts, args.input_len, args.output_len, use_tqdm=False)
     result = {"workload": f"{args.num_prompts}x{args.input_len}in/{args.output_len}out greedy",
               "dtype": args.dtype, "threads": args.threads, "cpu": cpu_name(),

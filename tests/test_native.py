@@ -231,6 +231,78 @@ def test_paged_attention_matches_exact_and_reference(dtype, threads, case):
         assert err_native <= 2 * err_ref, (err_native, err_ref)
 
 
+def _quantized_step(kv_cache_dtype, dtype, q_lens, seq_lens):
+    """_random_step's step over a quantized cache holding its (float) keys and values, the same
+    cache's values dequantized in the fp32 layout, and the float caches themselves."""
+    from thrifty.layers.attention import gather_kv, write_kv
+
+    q, kc, vc, qsl, lens, table = _random_step(torch.float32, q_lens, seq_lens)
+    plain_k, plain_v = _plain_kv(kc, vc)  # [blocks, H, bs, D]
+    n, heads, bs, dim = plain_k.shape
+    shape = kv_cache_shapes(n, heads, dim, bs, dtype, kv_cache_dtype)[0]
+    qk, qv = torch.zeros(shape, dtype=torch.uint8), torch.zeros(shape, dtype=torch.uint8)
+    write_kv(qk, qv, plain_k.transpose(1, 2).reshape(n * bs, heads, dim).to(dtype),
+             plain_v.transpose(1, 2).reshape(n * bs, heads, dim).to(dtype), torch.arange(n * bs), bs, kv_cache_dtype)
+    k, v = gather_kv(qk, qv, torch.arange(n), bs, kv_cache_dtype)  # [H, n * bs, D]
+    values_k = k.view(heads, n, bs, dim).permute(1, 0, 3, 2).contiguous()  # the fp32 layout
+    values_v = v.view(heads, n, bs, dim).permute(1, 0, 2, 3).contiguous()
+    return q.to(dtype), (qk, qv), (values_k, values_v), (kc, vc), qsl, lens, table
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
+def test_quantized_kv_attention_matches_exact_on_its_values(kv_cache_dtype, dtype):
+    """Over int8 / fp8 caches (decodes, a split long decode, fresh and chunked prefills), the
+    native kernels and the reference path compute attention over the cache's dequantized values:
+    within fp32 noise of float64 on those values, the output then rounded to the activations'
+    dtype. The native write encodes exactly as the reference does (same codes, same scales)."""
+    from thrifty.layers.attention import AttentionMetadata, paged_attention, write_kv
+
+    q_lens, seq_lens = MIXED
+    q, (qk, qv), (values_k, values_v), _, qsl, lens, table = _quantized_step(kv_cache_dtype, dtype, q_lens, seq_lens)
+    scale = q.shape[2] ** -0.5
+    got = torch.ops.thrifty.paged_attention(q, qk, qv, qsl, lens, table, scale, kv_cache_dtype)
+    exact = _exact_attention(q, values_k, values_v, qsl, lens, table, scale)
+    positions = torch.cat([torch.arange(s - n, s) for n, s in zip(q_lens, seq_lens)])
+    meta = AttentionMetadata.build(q_lens, seq_lens, table, positions, 16, kv_cache_dtype)
+    blocks, offsets = meta.slot_mapping // 16, meta.slot_mapping % 16
+    step_k, step_v = values_k[blocks, :, :, offsets], values_v[blocks, :, offsets]
+    ref = paged_attention(q, step_k.to(dtype), step_v.to(dtype), qk, qv, meta, scale)
+    tol = 2e-5 if dtype == torch.float32 else 2.0 ** -8 * exact.abs().max()
+    assert (got.double() - exact).abs().max() <= tol
+    assert (ref.double() - exact).abs().max() <= tol
+    # The native write of the step's keys and values gives the reference's bytes.
+    native_k, native_v = torch.zeros_like(qk), torch.zeros_like(qv)
+    ref_k, ref_v = torch.zeros_like(qk), torch.zeros_like(qv)
+    torch.ops.thrifty.write_kv(step_k.to(dtype).contiguous(), step_v.to(dtype).contiguous(), native_k, native_v,
+                               qsl, lens, table, kv_cache_dtype)
+    write_kv(ref_k, ref_v, step_k.to(dtype), step_v.to(dtype), meta.slot_mapping, 16, kv_cache_dtype)
+    assert torch.equal(native_k, ref_k) and torch.equal(native_v, ref_v)
+
+
+# Attention over int8 / fp8 caches against float64 on the unquantized keys and values, at most
+# this fraction of max |V| off (see docs/quantization.md): an int8 element is off by at most
+# 1/254 of its head's largest, an fp8 one by 1/16 of itself; a bf16 cache, for scale, by 1/512.
+KV_ERROR_BOUND = {"int8": 0.01, "fp8_e4m3": 0.05}
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
+def test_quantized_kv_attention_is_close_to_float(kv_cache_dtype):
+    q_lens, seq_lens = MIXED
+    q, (qk, qv), _, (kc, vc), qsl, lens, table = _quantized_step(kv_cache_dtype, torch.float32, q_lens, seq_lens)
+    scale = q.shape[2] ** -0.5
+    got = torch.ops.thrifty.paged_attention(q, qk, qv, qsl, lens, table, scale, kv_cache_dtype)
+    exact = _exact_attention(q, kc, vc, qsl, lens, table, scale)
+    bf16 = torch.ops.thrifty.paged_attention(q.bfloat16(), *_random_step(torch.bfloat16, q_lens, seq_lens)[1:3],
+                                             qsl, lens, table, scale)
+    exact_bf16 = _exact_attention(q.bfloat16(), *_random_step(torch.bfloat16, q_lens, seq_lens)[1:3], qsl, lens,
+                                  table, scale)
+    v_max = vc.abs().max()
+    err, err_bf16 = (got.double() - exact).abs().max() / v_max, (bf16.double() - exact_bf16).abs().max() / v_max
+    print(f"{kv_cache_dtype}: {err:.5f} of max|V|; a bf16 cache: {err_bf16:.5f}")
+    assert err <= KV_ERROR_BOUND[kv_cache_dtype], (err, err_bf16)
+
+
 def test_paged_attention_checks_its_metadata():
     q, kc, vc, qsl, lens, table = _random_step(torch.float32, [1, 4], [5, 8])
     bad_block = table.clone()

@@ -166,3 +166,51 @@ def test_default_model_serves_its_own_4_bit_weights_in_bf16():
     assert quantized.llm_engine.runner.weight_bytes < 0.4 * dense.llm_engine.runner.weight_bytes
     a, b = _greedy(quantized, PROMPTS, 8), _greedy(dense, PROMPTS, 8)
     assert sum(x[:4] == y[:4] for x, y in zip(a, b)) >= len(PROMPTS) - 1, (a, b)
+
+
+# -- quantized KV cache ----------------------------------------------------------------------------
+
+def test_bad_kv_cache_dtype_is_named():
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        EngineConfig(kv_cache_dtype="int4")
+    assert EngineConfig(kv_cache_dtype="fp8").kv_cache_dtype == "fp8_e4m3"  # vLLM's name
+
+
+@pytest.mark.parametrize("dtype, ratio", [("bfloat16", 128 / 68), ("float32", 256 / 68)])
+def test_a_quantized_kv_cache_holds_more_tokens(dtype, ratio):
+    """head_dim 64: a bf16 key is 128 bytes per head, an int8 or fp8 one 64 plus a 4-byte scale."""
+    from thrifty import LLM
+
+    blocks = {}
+    for kv in ("auto", "int8", "fp8_e4m3"):
+        engine = LLM(dtype=dtype, kv_cache_dtype=kv, max_model_len=512, kv_cache_memory=0.1).llm_engine
+        blocks[kv] = engine.kv_cache_manager.num_blocks
+        assert engine.runner.kv_bytes_per_token == 2 * 30 * 3 * (68 if kv != "auto" else 64 * (2 if dtype == "bfloat16" else 4))
+    # Each count is floor(budget / bytes per block): the quantized one within ratio of auto x ratio.
+    assert blocks["int8"] == blocks["fp8_e4m3"] == pytest.approx(blocks["auto"] * ratio, abs=ratio)
+
+
+@needs_native
+@pytest.mark.parametrize("kv, within", [("int8", 0.05), ("fp8_e4m3", 0.1)])
+def test_quantized_kv_native_stays_close_to_the_reference(kv, within):
+    """fp32, chunked steps, both paths over the same kind of cache (the kernels are tested exact
+    on a cache's values in test_native.py). The paths' fp32 noise (other summation orders) can
+    flip a code's rounding, an int8 step being 1/254 of the head's largest value and an fp8 one
+    1/16 of itself, and greedy runs part where the model nearly ties; so the first token's choice
+    must agree, its logprob within `within` and the top-5's within twice that."""
+    from conftest import PROMPTS
+
+    from thrifty import LLM, SamplingParams
+
+    runs = {}
+    for backend in ("native", "torch"):
+        llm = LLM(dtype="float32", backend=backend, kv_cache_dtype=kv, max_model_len=512,
+                  max_num_batched_tokens=32, kv_cache_memory=0.05)
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
+        runs[backend] = [o.outputs[0] for o in outs]
+    for a, b in zip(runs["native"], runs["torch"]):
+        assert a.token_ids == b.token_ids
+        first_a, first_b = a.logprobs[0], b.logprobs[0]
+        token = a.token_ids[0]
+        assert abs(first_a[token].logprob - first_b[token].logprob) < within
+        assert max(abs(first_a[t].logprob - first_b[t].logprob) for t in first_a if t in first_b) < 2 * within

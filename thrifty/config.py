@@ -15,6 +15,10 @@ BACKENDS = ("auto", "native", "torch")  # see thrifty/worker/model_runner.py
 # load; "gguf" is auto for GGUF files only; "int8" and "int4" quantize any model at load.
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)  # int4's inputs per scale: multiples of the kernels' 32
+# KV cache codes (thrifty/layers/attention.py): "auto" is the model's dtype; int8 and fp8_e4m3
+# (torch.float8_e4m3fn) hold one byte per element and a scale per token and head. "fp8" is vLLM's
+# name for fp8_e4m3.
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8")
 
 
 @cache
@@ -43,6 +47,7 @@ class EngineConfig:
     backend: str = "auto"  # "native" (C++ CPU kernels), "torch" (the reference), "auto": native where it runs
     quantization: str = "auto"  # see QUANTIZATIONS
     quantization_group_size: int = 32  # int4: inputs per scale and min
+    kv_cache_dtype: str = "auto"  # see KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -52,6 +57,10 @@ class EngineConfig:
         if self.quantization_group_size not in GROUP_SIZES:
             raise ValueError(f"quantization_group_size must be one of {GROUP_SIZES}, got "
                              f"{self.quantization_group_size!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8":
+            self.kv_cache_dtype = "fp8_e4m3"
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -6,8 +6,12 @@
 // Rows are taken a few at a time: their scores for a block of keys come from one pass over its
 // keys, one softmax update per row follows, then their outputs from one pass over its values.
 // With bf16 caches the pairs layout lets AVX512-BF16 CPUs multiply bf16 pairs straight into fp32
-// sums (vdpbf16ps); other CPUs widen each pair to two fp32 vectors.
+// sums (vdpbf16ps); other CPUs widen each pair to two fp32 vectors. Quantized caches (int8, fp8)
+// are decoded to fp32 in registers; a block's key scales multiply its scores, its value scales
+// the probabilities.
 #include "attention.h"
+
+#include <c10/util/Float8_e4m3fn.h>
 
 #include <cmath>
 #include <limits>
@@ -61,6 +65,8 @@ struct CacheLayout;
 // fp32: K [blocks, heads, D, bs] (keys transposed), V [blocks, heads, bs, D].
 template <int D>
 struct CacheLayout<float, D> {
+  using Elem = float;
+  using ChunkType = Chunk<float>;
   int64_t bs, heads;
   Chunk<float> chunk(const float* kc, const float* vc, int64_t block, int64_t head, int64_t off) const {
     return {kc + (block * heads + head) * D * bs + off, vc + ((block * heads + head) * bs + off) * D};
@@ -78,6 +84,8 @@ struct CacheLayout<float, D> {
 //       V [blocks, heads, bs/2, D, 2] (pairs of keys side by side per dimension).
 template <int D>
 struct CacheLayout<bf16, D> {
+  using Elem = bf16;
+  using ChunkType = Chunk<bf16>;
   int64_t bs, heads;
   Chunk<bf16> chunk(const bf16* kc, const bf16* vc, int64_t block, int64_t head, int64_t off) const {
     return {kc + (block * heads + head) * D * bs + off * 2, vc + (block * heads + head) * bs * D + off * D};
@@ -91,6 +99,70 @@ struct CacheLayout<bf16, D> {
     }
   }
 };
+
+// Quantized caches (attention.h): a code per element, decoded to fp32 as FVec::N lanes at a
+// time; decode(code) * kUnit is the element over its scale.
+struct Int8Kv {
+  static constexpr float kMax = 127.f;  // the largest code
+  static constexpr float kUnit = 1.f;
+  static FVec load(const uint8_t* p) { return load_int8(p); }
+  static uint8_t encode(float x) {  // x in [-127, 127]: round half to even, as torch.round
+    return uint8_t(int8_t(std::nearbyint(std::clamp(x, -kMax, kMax))));
+  }
+};
+
+struct Fp8Kv {  // float8_e4m3fn, decoded as the fp16 with the same sign, exponent and mantissa bits
+  static constexpr float kMax = 448.f;
+  static constexpr float kUnit = 256.f;  // 2^(15 - 7): fp16's exponent bias over e4m3's
+  static FVec load(const uint8_t* p) { return load_fp8_e4m3_as_fp16(p); }
+  static uint8_t encode(float x) { return c10::Float8_e4m3fn(x).x; }  // round to nearest even, as torch
+};
+
+struct QuantChunk {
+  const uint8_t* k;  // the chunk's first key: K is [D, bs] codes, keys transposed
+  const uint8_t* v;  // its first value: V is [bs, D]
+  const float* k_scale;  // the chunk's first key's scale
+  const float* v_scale;
+};
+
+// Encodes n elements of x, `stride` apart in out, with one scale (returned): the largest |x|
+// maps to the largest code.
+template <typename Codec, typename T>
+float encode_head(const T* x, int64_t n, uint8_t* out, int64_t stride) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::abs(to_float(x[i])));
+  const float inv = amax > 0.f ? Codec::kMax / amax : 0.f;
+  for (int64_t i = 0; i < n; ++i) out[i * stride] = Codec::encode(to_float(x[i]) * inv);
+  return amax / Codec::kMax;
+}
+
+template <typename Codec, int D>
+struct QuantCacheLayout {
+  using Elem = uint8_t;
+  using ChunkType = QuantChunk;
+  int64_t bs, heads;
+  int64_t head_bytes() const { return (D + 4) * bs; }
+  QuantChunk chunk(const uint8_t* kc, const uint8_t* vc, int64_t block, int64_t head, int64_t off) const {
+    const uint8_t* kb = kc + (block * heads + head) * head_bytes();
+    const uint8_t* vb = vc + (block * heads + head) * head_bytes();
+    return {kb + off, vb + off * D, reinterpret_cast<const float*>(kb + D * bs) + off,
+            reinterpret_cast<const float*>(vb + D * bs) + off};
+  }
+  template <typename T>
+  void write(int64_t block, int64_t off, const T* k, const T* v, uint8_t* kc, uint8_t* vc) const {
+    for (int64_t h = 0; h < heads; ++h) {
+      uint8_t* kb = kc + (block * heads + h) * head_bytes();
+      uint8_t* vb = vc + (block * heads + h) * head_bytes();
+      reinterpret_cast<float*>(kb + D * bs)[off] = encode_head<Codec>(k + h * D, D, kb + off, bs);
+      reinterpret_cast<float*>(vb + D * bs)[off] = encode_head<Codec>(v + h * D, D, vb + off * D, 1);
+    }
+  }
+};
+
+template <int D>
+struct CacheLayout<Int8Kv, D> : QuantCacheLayout<Int8Kv, D> {};
+template <int D>
+struct CacheLayout<Fp8Kv, D> : QuantCacheLayout<Fp8Kv, D> {};
 
 // Reads two consecutive dimensions of FVec::N keys (QK), or two consecutive keys' FVec::N
 // dimensions (PV), as two float vectors: from the fp32 layout's rows, or from the bf16 pairs
@@ -217,22 +289,87 @@ template <typename T, int D>
 using BlockMath = BlockMathFma<T, D>;
 #endif
 
+// A quantized cache, for any activation type: fp32 multiply-adds over single dimensions (QK)
+// and single keys (PV) of decoded codes; the key scales applied to each block's scores, the
+// value scales folded into its probabilities.
+template <typename T, typename Codec, int D>
+struct BlockMathQuant {
+  static constexpr int VD = D / FVec::N;
+  using Queries = typename BlockMathFma<T, D>::Queries;
+  static void prepare(Queries& qs, int r, const T* src, float scale) { BlockMathFma<T, D>::prepare(qs, r, src, scale); }
+  static constexpr bool kScaleScores = false;
+  template <int RG>
+  static void scores(const Queries& qs, int r0, const QuantChunk (&c)[kBlockChunks], int64_t bs,
+                     FVec (&s)[kBlockChunks][RG][kKeyVecs]) {
+    for (int d = 0; d < D; ++d) {
+      FVec k[kBlockChunks][kKeyVecs];
+      for (int b = 0; b < kBlockChunks; ++b)
+        for (int v = 0; v < kKeyVecs; ++v) k[b][v] = Codec::load(c[b].k + d * bs + v * FVec::N);
+      for (int r = 0; r < RG; ++r) {
+        const FVec q(qs.q[r0 + r][d]);
+        for (int b = 0; b < kBlockChunks; ++b)
+          for (int v = 0; v < kKeyVecs; ++v) s[b][r][v] = FVec::fma(q, k[b][v], s[b][r][v]);
+      }
+    }
+    for (int b = 0; b < kBlockChunks; ++b)
+      for (int v = 0; v < kKeyVecs; ++v) {
+        const FVec scale = FVec::load(c[b].k_scale + v * FVec::N) * FVec(Codec::kUnit);
+        for (int r = 0; r < RG; ++r) s[b][r][v] = s[b][r][v] * scale;
+      }
+  }
+  template <int RG>
+  static void values(const float (*p)[kBlockChunks * kKeys], const int64_t (&valid)[kBlockChunks],
+                     const QuantChunk (&c)[kBlockChunks], float* const* o) {
+    FVec acc[RG][VD];
+    for (int r = 0; r < RG; ++r)
+      for (int v = 0; v < VD; ++v) acc[r][v] = FVec::load(o[r] + v * FVec::N);
+    for (int b = 0; b < kBlockChunks; ++b) {
+      float w[RG][kKeys];  // probability x scale of each key
+      for (int r = 0; r < RG; ++r)
+        for (int64_t j = 0; j < valid[b]; ++j) w[r][j] = p[r][b * kKeys + j] * c[b].v_scale[j] * Codec::kUnit;
+      for (int64_t j = 0; j < valid[b]; ++j) {
+        for (int v = 0; v < VD; ++v) {
+          const FVec x = Codec::load(c[b].v + j * D + v * FVec::N);
+          for (int r = 0; r < RG; ++r) acc[r][v] = FVec::fma(FVec(w[r][j]), x, acc[r][v]);
+        }
+      }
+    }
+    for (int r = 0; r < RG; ++r)
+      for (int v = 0; v < VD; ++v) acc[r][v].store(o[r] + v * FVec::N);
+  }
+};
+
+template <typename Layout>
+Layout make_layout(const AttentionShape& shape) {
+  Layout layout{};
+  layout.bs = shape.block_size;
+  layout.heads = shape.num_kv_heads;
+  return layout;
+}
+
+// The math for activations T over a cache of C (T itself, or a quantized cache's codec).
+template <typename T, typename C, int D>
+using MathFor = std::conditional_t<std::is_same_v<T, C>, BlockMath<T, D>, BlockMathQuant<T, C, D>>;
+
 template <typename T>
 struct Operands {
   const SeqBatch& batch;
   const AttentionShape& shape;
   const T* q;
   int64_t q_stride;
-  const T* k_cache;
-  const T* v_cache;
+  const void* k_cache;  // T, or a quantized cache's bytes
+  const void* v_cache;
   T* out;
   int64_t out_stride;
   float* partials;
 };
 
-template <typename T, int D>
+template <typename T, typename C, int D>
 class UnitRunner {
-  using Math = BlockMath<T, D>;
+  using Math = MathFor<T, C, D>;
+  using Layout = CacheLayout<C, D>;
+  using Elem = typename Layout::Elem;
+  using ChunkT = typename Layout::ChunkType;
   // Rows per group: their scores for a block of keys, or their outputs, in half the registers.
   static constexpr int RG =
       std::max(1, std::min(4, kVectorRegisters / 2 / std::max(Math::VD, kBlockChunks * kKeyVecs)));
@@ -243,7 +380,9 @@ class UnitRunner {
     G_ = op.shape.num_heads / op.shape.num_kv_heads;
     rows_ = u.num_tokens * G_;
     streams_ = u.num_tokens == 1;
-    layout_ = CacheLayout<T, D>{op.shape.block_size, op.shape.num_kv_heads};
+    layout_ = make_layout<Layout>(op.shape);
+    k_cache_ = static_cast<const Elem*>(op.k_cache);
+    v_cache_ = static_cast<const Elem*>(op.v_cache);
     const int64_t pos0 = b.first_pos(u.seq) - b.query_start_loc[u.seq];  // + token index = position
     key_end_ = u.key_begin;
     for (int64_t i = 0; i < u.num_tokens; ++i) {
@@ -288,22 +427,22 @@ class UnitRunner {
     for (int64_t b0 = u_.key_begin; b0 < key_end_; b0 += kBlockChunks * kKeys) {
       // Chunks past the keys (the last block of a sequence) repeat the first: their scores are
       // computed and masked out, which keeps the loops above of fixed length.
-      Chunk<T> chunks[kBlockChunks];
+      ChunkT chunks[kBlockChunks];
       for (int c = 0; c < kBlockChunks; ++c) {
         const int64_t c0 = b0 + c * kKeys;
         if (c0 >= key_end_) {
           chunks[c] = chunks[0];
           continue;
         }
-        chunks[c] = layout_.chunk(op_.k_cache, op_.v_cache, blocks[c0 / bs], u_.kv_head, c0 % bs);
+        chunks[c] = layout_.chunk(k_cache_, v_cache_, blocks[c0 / bs], u_.kv_head, c0 % bs);
         const int64_t ahead = c0 + std::max(bs, kPrefetchKeys);
         // A decode streams its keys from memory once: entering a block, fetch a later one whole.
         // A prefill tile's rows walk keys that earlier tiles left in L2, where prefetching is
         // only more instructions.
         if (streams_ && r0 == 0 && c0 % bs == 0 && ahead < key_end_) {
-          const Chunk<T> next = layout_.chunk(op_.k_cache, op_.v_cache, blocks[ahead / bs], u_.kv_head, 0);
-          prefetch(next.k, D * bs * int64_t(sizeof(T)));
-          prefetch(next.v, D * bs * int64_t(sizeof(T)));
+          const ChunkT next = layout_.chunk(k_cache_, v_cache_, blocks[ahead / bs], u_.kv_head, 0);
+          prefetch(next.k, D * bs * int64_t(sizeof(Elem)));
+          prefetch(next.v, D * bs * int64_t(sizeof(Elem)));
         }
       }
       FVec s[kBlockChunks][R][kKeyVecs];
@@ -373,7 +512,9 @@ class UnitRunner {
   int64_t G_ = 1;
   int rows_ = 0;
   bool streams_ = false;  // a decode: its keys come from memory, worth prefetching
-  CacheLayout<T, D> layout_{};
+  Layout layout_{};
+  const Elem* k_cache_ = nullptr;
+  const Elem* v_cache_ = nullptr;
   typename Math::Queries queries_;
   int64_t row_end_[kMaxRows];
   int64_t key_end_ = 0;
@@ -502,15 +643,38 @@ int64_t attention_partial_floats(const AttentionPlan& plan, const AttentionShape
   return plan.num_partials * (G * sh.head_dim + 2 * G);
 }
 
+KvCodec kv_codec_from_name(const std::string& name) {
+  if (name == "auto") return KvCodec::kNone;
+  if (name == "int8") return KvCodec::kInt8;
+  TORCH_CHECK(name == "fp8_e4m3", "kv_cache_dtype must be auto, int8 or fp8_e4m3, got ", name);
+  return KvCodec::kFp8E4M3;
+}
+
+namespace {
+
+// Runs f.template operator()<C>() with C the cache's element type (T) or codec.
+template <typename T, typename F>
+void with_cache_type(KvCodec codec, F&& f) {
+  switch (codec) {
+    case KvCodec::kInt8: f.template operator()<Int8Kv>(); break;
+    case KvCodec::kFp8E4M3: f.template operator()<Fp8Kv>(); break;
+    default: f.template operator()<T>(); break;
+  }
+}
+
+}  // namespace
+
 template <typename T>
 void paged_attention(Team& team, const AttentionPlan& plan, const SeqBatch& batch, const AttentionShape& shape,
-                     const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, T* out, int64_t out_stride,
-                     float* partials) {
+                     const T* q, int64_t q_stride, const void* k_cache, const void* v_cache, T* out,
+                     int64_t out_stride, float* partials) {
   const Operands<T> op{batch, shape, q, q_stride, k_cache, v_cache, out, out_stride, partials};
   const int64_t n = int64_t(plan.units.size());
   team.for_each(n, 1, [&](int64_t begin, int64_t end) {
-    with_head_dim(shape.head_dim, [&]<int D>() {
-      for (int64_t i = begin; i < end; ++i) UnitRunner<T, D>(plan.units[i], op).run();
+    with_cache_type<T>(shape.kv_codec, [&]<typename C>() {
+      with_head_dim(shape.head_dim, [&]<int D>() {
+        for (int64_t i = begin; i < end; ++i) UnitRunner<T, C, D>(plan.units[i], op).run();
+      });
     });
   });
   if (plan.merges.empty()) return;
@@ -521,17 +685,21 @@ void paged_attention(Team& team, const AttentionPlan& plan, const SeqBatch& batc
 }
 
 template <typename T>
-void write_kv_token(const AttentionShape& sh, int64_t slot, const T* k, const T* v, T* k_cache, T* v_cache) {
-  with_head_dim(sh.head_dim, [&]<int D>() {
-    CacheLayout<T, D>{sh.block_size, sh.num_kv_heads}.write(slot / sh.block_size, slot % sh.block_size, k, v,
-                                                           k_cache, v_cache);
+void write_kv_token(const AttentionShape& sh, int64_t slot, const T* k, const T* v, void* k_cache, void* v_cache) {
+  with_cache_type<T>(sh.kv_codec, [&]<typename C>() {
+    with_head_dim(sh.head_dim, [&]<int D>() {
+      using Layout = CacheLayout<C, D>;
+      using Elem = typename Layout::Elem;
+      make_layout<Layout>(sh).write(slot / sh.block_size, slot % sh.block_size, k, v, static_cast<Elem*>(k_cache),
+                   static_cast<Elem*>(v_cache));
+    });
   });
 }
 
 #define THRIFTY_INSTANTIATE(T)                                                                              \
   template void paged_attention<T>(Team&, const AttentionPlan&, const SeqBatch&, const AttentionShape&,      \
-                                   const T*, int64_t, const T*, const T*, T*, int64_t, float*);              \
-  template void write_kv_token<T>(const AttentionShape&, int64_t, const T*, const T*, T*, T*);
+                                   const T*, int64_t, const void*, const void*, T*, int64_t, float*);        \
+  template void write_kv_token<T>(const AttentionShape&, int64_t, const T*, const T*, void*, void*);
 THRIFTY_INSTANTIATE(float)
 THRIFTY_INSTANTIATE(bf16)
 #undef THRIFTY_INSTANTIATE

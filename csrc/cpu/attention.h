@@ -9,6 +9,12 @@
 //   bf16 K: [num_blocks, num_kv_heads, head_dim / 2, block_size, 2]  (dimension pairs per key)
 //        V: [num_blocks, num_kv_heads, block_size / 2, head_dim, 2]  (key pairs per dimension)
 // The bf16 pairs are what vdpbf16ps multiplies: two products summed into each fp32 lane.
+//
+// A quantized cache (KvCodec: int8, or fp8 e4m3 as torch.float8_e4m3fn) holds one byte per
+// element in the fp32 layout's order and, after each (block, KV head)'s block_size x head_dim
+// bytes, one fp32 scale per key and head: element = decode(byte) * scale, the scale being the
+// head's largest |element| over the code's largest value. Both K and V are then
+//   [num_blocks, num_kv_heads, head_dim * block_size + 4 * block_size] uint8.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -39,12 +45,21 @@ bool supported_head_dim(int64_t head_dim);
 SeqBatch make_seq_batch(const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                         const at::Tensor& block_table, int64_t block_size, int64_t num_blocks);
 
+enum class KvCodec : int { kNone, kInt8, kFp8E4M3 };  // kNone: the cache has the model's dtype
+
+// kv_cache_dtype "auto", "int8" or "fp8_e4m3" (EngineConfig's).
+KvCodec kv_codec_from_name(const std::string& name);
+
 struct AttentionShape {
   int64_t num_heads;
   int64_t num_kv_heads;
   int64_t head_dim;
   int64_t block_size;
   float scale;
+  KvCodec kv_codec = KvCodec::kNone;
+
+  // Bytes of one (block, KV head) of a quantized cache: the codes, then a scale per key.
+  int64_t quantized_head_bytes() const { return (head_dim + 4) * block_size; }
 };
 
 // One unit of work: a run of query tokens of one sequence, all query heads of one KV head,
@@ -82,10 +97,11 @@ int64_t attention_partial_floats(const AttentionPlan& plan, const AttentionShape
 // out[t, h, :] = attention of q[t, h, :] over its sequence's cached keys and values. Rows of q and
 // out are q_stride and out_stride elements apart. Runs two work-shared loops (units, merges) with
 // a barrier between them when the plan has merges; no barrier after.
+// The caches are T, or bytes when shape.kv_codec says so.
 template <typename T>
 void paged_attention(Team& team, const AttentionPlan& plan, const SeqBatch& batch, const AttentionShape& shape,
-                     const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, T* out, int64_t out_stride,
-                     float* partials);
+                     const T* q, int64_t q_stride, const void* k_cache, const void* v_cache, T* out,
+                     int64_t out_stride, float* partials);
 
 // The position of every new token of the step in its sequence, and its cache slot
 // (block * block_size + offset).
@@ -94,6 +110,6 @@ void token_positions_and_slots(const SeqBatch& batch, int64_t block_size, int64_
 // Writes the keys and values of one token of one layer into its cache slot. Heads are
 // contiguous in k and v.
 template <typename T>
-void write_kv_token(const AttentionShape& shape, int64_t slot, const T* k, const T* v, T* k_cache, T* v_cache);
+void write_kv_token(const AttentionShape& shape, int64_t slot, const T* k, const T* v, void* k_cache, void* v_cache);
 
 }  // namespace thrifty

@@ -87,22 +87,27 @@ void LlamaModel::set_rope(const at::Tensor& cos, const at::Tensor& sin) {
   sin_ = sin.to(at::kFloat).contiguous();
 }
 
-void LlamaModel::set_kv_caches(const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches) {
+void LlamaModel::set_kv_caches(const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                                const std::string& kv_cache_dtype) {
   TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one K and V cache per layer");
   const int64_t H = shape_.num_kv_heads, D = shape_.head_dim, bs = shape_.block_size;
+  shape_.kv_codec = kv_codec_from_name(kv_cache_dtype);
   num_blocks_ = k_caches.empty() ? 0 : k_caches[0].size(0);
   const bool pairs = dtype_ == at::kBFloat16;  // see attention.h
-  const std::vector<int64_t> k_shape = pairs ? std::vector<int64_t>{num_blocks_, H, D / 2, bs, 2}
-                                             : std::vector<int64_t>{num_blocks_, H, D, bs};
-  const std::vector<int64_t> v_shape = pairs ? std::vector<int64_t>{num_blocks_, H, bs / 2, D, 2}
-                                             : std::vector<int64_t>{num_blocks_, H, bs, D};
+  std::vector<int64_t> k_shape = pairs ? std::vector<int64_t>{num_blocks_, H, D / 2, bs, 2}
+                                       : std::vector<int64_t>{num_blocks_, H, D, bs};
+  std::vector<int64_t> v_shape = pairs ? std::vector<int64_t>{num_blocks_, H, bs / 2, D, 2}
+                                       : std::vector<int64_t>{num_blocks_, H, bs, D};
+  const bool quantized = shape_.kv_codec != KvCodec::kNone;
+  if (quantized) k_shape = v_shape = {num_blocks_, H, shape_.quantized_head_bytes()};
+  const at::ScalarType cache_dtype = quantized ? at::kByte : dtype_;
   for (size_t i = 0; i < k_caches.size(); ++i) {
     TORCH_CHECK(k_caches[i].sizes() == at::IntArrayRef(k_shape) && k_caches[i].is_contiguous(), "K cache ", i,
                 ": expected contiguous ", at::IntArrayRef(k_shape), " (attention.h), got ", k_caches[i].sizes());
     TORCH_CHECK(v_caches[i].sizes() == at::IntArrayRef(v_shape) && v_caches[i].is_contiguous(), "V cache ", i,
                 ": expected contiguous ", at::IntArrayRef(v_shape), " (attention.h), got ", v_caches[i].sizes());
-    TORCH_CHECK(k_caches[i].scalar_type() == dtype_ && v_caches[i].scalar_type() == dtype_,
-                "the KV cache must have the model's dtype");
+    TORCH_CHECK(k_caches[i].scalar_type() == cache_dtype && v_caches[i].scalar_type() == cache_dtype,
+                "the KV cache must have the model's dtype, or be uint8 when quantized");
   }
   k_caches_ = k_caches;
   v_caches_ = v_caches;
@@ -218,8 +223,8 @@ void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& bat
     sync(Phase::kEmbed);
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
-      T* k_cache = ptr(k_caches_[l]);
-      T* v_cache = ptr(v_caches_[l]);
+      void* k_cache = k_caches_[l].data_ptr();  // T, or bytes of a quantized cache
+      void* v_cache = v_caches_[l].data_ptr();
       add_rms_norm(team, x, l == 0 ? nullptr : delta, ptr(L.input_norm), eps_, n, H, h);
       sync(Phase::kNorm);
       linear(team, h, n, H, L.qkv, qkv, qkv_size);

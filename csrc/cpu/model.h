@@ -25,7 +25,9 @@ class LlamaModel : public torch::CustomClassHolder {
   // embedding: [vocab, hidden], or none when tied to the head (rows are read from the packed head).
   void set_head(const c10::optional<at::Tensor>& embedding, const at::Tensor& head, const at::Tensor& final_norm);
   void set_rope(const at::Tensor& cos, const at::Tensor& sin);
-  void set_kv_caches(const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches);
+  // kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8_e4m3" (attention.h's layouts).
+  void set_kv_caches(const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                     const std::string& kv_cache_dtype);
 
   // Writes the step's K/V into the caches and returns the fp32 logits [len(logits_indices), vocab]
   // of the given token rows and, with `greedy`, each row's argmax and its log-softmax (else two

@@ -67,7 +67,7 @@ void add_rms_norm(Team& team, T* x, const T* delta, const T* weight, float eps, 
 
 template <typename T>
 void rope_and_cache(Team& team, const AttentionShape& sh, const RopeArgs& a, int64_t num_tokens, T* qkv,
-                    int64_t stride, const T* q_norm, const T* k_norm, T* k_cache, T* v_cache) {
+                    int64_t stride, const T* q_norm, const T* k_norm, void* k_cache, void* v_cache) {
   const int64_t D = sh.head_dim, Hq = sh.num_heads, Hkv = sh.num_kv_heads;
   team.for_each(num_tokens, team.chunk_for(num_tokens), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -133,7 +133,7 @@ void argmax_logprob(Team& team, const float* logits, int64_t rows, int64_t vocab
   template void add_rms_norm_row<T>(T*, const T*, const T*, float, int64_t, T*);                                \
   template void add_rms_norm<T>(Team&, T*, const T*, const T*, float, int64_t, int64_t, T*);                   \
   template void rope_and_cache<T>(Team&, const AttentionShape&, const RopeArgs&, int64_t, T*, int64_t, const T*, \
-                                  const T*, T*, T*);
+                                  const T*, void*, void*);
 THRIFTY_INSTANTIATE(float)
 THRIFTY_INSTANTIATE(bf16)
 #undef THRIFTY_INSTANTIATE

@@ -30,7 +30,7 @@ struct RopeArgs {
 // q/k RMSNorm (Qwen3), the rotary embedding of q and k in place, then k and v into the cache.
 template <typename T>
 void rope_and_cache(Team& team, const AttentionShape& shape, const RopeArgs& args, int64_t num_tokens, T* qkv,
-                    int64_t stride, const T* q_norm, const T* k_norm, T* k_cache, T* v_cache);
+                    int64_t stride, const T* q_norm, const T* k_norm, void* k_cache, void* v_cache);
 
 // For each row of logits: the first index of its largest value (torch.argmax's choice) and that
 // value's log-softmax. A row is cut into argmax_parts() parts when there are fewer rows than

@@ -46,9 +46,21 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const c10::o
   return y;
 }
 
-// The shape of a step over a cache in attention.h's layout for the dtype (bf16: pairs).
-AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k_cache, double scale) {
+// The shape of a step over a cache in attention.h's layout for the dtype (bf16: pairs; uint8: a
+// quantized cache, kv_cache_dtype int8 or fp8_e4m3).
+AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k_cache, double scale,
+                               const std::string& kv_cache_dtype) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: expected contiguous [num_tokens, num_heads, head_dim]");
+  const KvCodec codec = kv_codec_from_name(kv_cache_dtype);
+  TORCH_CHECK((codec != KvCodec::kNone) == (k_cache.scalar_type() == at::kByte),
+              "a uint8 cache is a quantized one: give its kv_cache_dtype (int8 or fp8_e4m3)");
+  if (codec != KvCodec::kNone) {
+    const int64_t D = q.size(2);
+    TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && k_cache.size(2) % (D + 4) == 0,
+                "quantized k_cache: expected contiguous [blocks, kv_heads, (head_dim + 4) * block_size] uint8");
+    TORCH_CHECK(supported_head_dim(D), "head_dim must be 16, 32, 64, 128 or 256");
+    return {q.size(1), k_cache.size(1), D, k_cache.size(2) / (D + 4), float(scale), codec};
+  }
   const bool pairs = k_cache.scalar_type() == at::kBFloat16;
   TORCH_CHECK(k_cache.dim() == (pairs ? 5 : 4) && k_cache.is_contiguous(),
               "k_cache: expected attention.h's layout, [blocks, kv_heads, head_dim, block] (fp32) or "
@@ -61,11 +73,12 @@ AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k_cache, d
 
 at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                               const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
-                              const at::Tensor& block_table, double scale) {
-  const AttentionShape shape = attention_shape(q, k_cache, scale);
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type() &&
-                  v_cache.is_contiguous(),
-              "q and the caches must share a dtype; caches contiguous");
+                              const at::Tensor& block_table, double scale, const std::string& kv_cache_dtype) {
+  const AttentionShape shape = attention_shape(q, k_cache, scale, kv_cache_dtype);
+  const bool quantized = shape.kv_codec != KvCodec::kNone;
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && v_cache.is_contiguous() &&
+                  (quantized ? v_cache.sizes() == k_cache.sizes() : q.scalar_type() == k_cache.scalar_type()),
+              "q and the caches must share a dtype (a quantized V cache: K's dtype and shape); caches contiguous");
   const SeqBatch batch = make_seq_batch(query_start_loc, seq_lens, block_table, shape.block_size, k_cache.size(0));
   TORCH_CHECK(batch.num_tokens == q.size(0), "query_start_loc does not cover q's tokens");
   const AttentionPlan plan = plan_attention(batch, shape, at::get_num_threads());
@@ -75,16 +88,20 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& k_cache, co
     using T = decltype(t);
     const int64_t stride = shape.num_heads * shape.head_dim;
     run_parallel(2, [&](Team& team) {
-      paged_attention(team, plan, batch, shape, data<T>(q), stride, data<T>(k_cache), data<T>(v_cache), data<T>(out),
-                      stride, data<float>(partials));
+      paged_attention(team, plan, batch, shape, data<T>(q), stride, k_cache.data_ptr(), v_cache.data_ptr(),
+                      data<T>(out), stride, data<float>(partials));
     });
   });
   return out;
 }
 
 void write_kv_op(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
-                 const at::Tensor& query_start_loc, const at::Tensor& seq_lens, const at::Tensor& block_table) {
-  const AttentionShape shape = attention_shape(k, k_cache, 1.0);
+                 const at::Tensor& query_start_loc, const at::Tensor& seq_lens, const at::Tensor& block_table,
+                 const std::string& kv_cache_dtype) {
+  const AttentionShape shape = attention_shape(k, k_cache, 1.0, kv_cache_dtype);
+  TORCH_CHECK(shape.kv_codec == KvCodec::kNone ||
+                  (v_cache.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes()),
+              "a quantized V cache has its K cache's dtype and shape");
   TORCH_CHECK(v.sizes() == k.sizes() && v.is_contiguous(), "v must be shaped and laid out as k");
   const SeqBatch batch = make_seq_batch(query_start_loc, seq_lens, block_table, shape.block_size, k_cache.size(0));
   TORCH_CHECK(batch.num_tokens == k.size(0), "query_start_loc does not cover k's tokens");
@@ -94,8 +111,8 @@ void write_kv_op(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, a
     using T = decltype(t);
     const int64_t stride = shape.num_kv_heads * shape.head_dim;
     for (int64_t i = 0; i < batch.num_tokens; ++i)
-      write_kv_token(shape, slots[i], data<T>(k) + i * stride, data<T>(v) + i * stride, data<T>(k_cache),
-                     data<T>(v_cache));
+      write_kv_token(shape, slots[i], data<T>(k) + i * stride, data<T>(v) + i * stride, k_cache.data_ptr(),
+                     v_cache.data_ptr());
   });
 }
 
@@ -149,10 +166,10 @@ TORCH_LIBRARY(thrifty, m) {
   m.def("pack_linear_weight(Tensor weight) -> Tensor", &pack_linear_weight);
   m.def("linear(Tensor x, Tensor packed, Tensor? bias, int N, bool out_fp32=False) -> Tensor", &linear_op);
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor query_start_loc, Tensor seq_lens, "
-        "Tensor block_table, float scale) -> Tensor",
+        "Tensor block_table, float scale, str kv_cache_dtype=\"auto\") -> Tensor",
         &paged_attention_op);
   m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor query_start_loc, "
-        "Tensor seq_lens, Tensor block_table) -> ()",
+        "Tensor seq_lens, Tensor block_table, str kv_cache_dtype=\"auto\") -> ()",
         &write_kv_op);
   m.def("rms_norm(Tensor x, Tensor? delta, Tensor weight, float eps) -> (Tensor, Tensor)", &rms_norm_op);
   m.def("pack_gate_up_weight(Tensor weight) -> Tensor", &pack_gate_up_weight);

@@ -296,6 +296,27 @@ inline void load_nibble_pairs(const uint8_t* p, int shift, FVec& first, FVec& se
 #endif
 }
 
+// FVec::N float8_e4m3fn codes at p, each as the fp16 with its sign, exponent and mantissa bits
+// (exact, subnormals included): the fp8 value times 2^-8, as e4m3's exponent bias is 7, fp16's 15.
+// No code here is NaN (0x7f, 0xff): encoders saturate at 448.
+inline FVec load_fp8_e4m3_as_fp16(const uint8_t* p) {
+#if defined(THRIFTY_AVX512)
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                    _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7));
+  return FVec(_mm512_cvtph_ps(h));
+#elif defined(THRIFTY_AVX2)
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                 _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7));
+  return FVec(_mm256_cvtph_ps(h));
+#else
+  FVec r;
+  for (int i = 0; i < FVec::N; ++i) r.v[i] = half_to_float(uint16_t(((p[i] & 0x80) << 8) | ((p[i] & 0x7f) << 7)));
+  return r;
+#endif
+}
+
 // Stores FVec::N pairs as bf16, lane i's pair (first[i], second[i]) side by side: the layout
 // of bf16 weight panels and of load_pairs.
 inline void store_bf16_pairs(bf16* p, FVec first, FVec second) {

@@ -98,7 +98,7 @@ class LLMEngine:
                              f"({cfg.max_position_embeddings})")
         self.tokenizer = load_tokenizer(self.source)
         budget = kv_budget_bytes(device, config.kv_cache_memory, config.gpu_memory_utilization)
-        num_blocks = num_kv_blocks(model, self.dtype, config.block_size, budget)
+        num_blocks = num_kv_blocks(model, self.dtype, config.block_size, budget, config.kv_cache_dtype)
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"kv_cache_memory: {budget / (1 << 30):.4g} GiB holds {num_blocks * config.block_size} tokens, "
@@ -112,7 +112,7 @@ class LLMEngine:
             self.kv_cache_manager,
         )
         self.runner = ModelRunner(model, device, self.dtype, config.block_size, num_blocks, self.max_model_len,
-                                  config.max_num_seqs, config.seed, config.backend)
+                                  config.max_num_seqs, config.seed, config.backend, config.kv_cache_dtype)
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()

@@ -6,7 +6,7 @@ import argparse
 import math
 import sys
 
-from thrifty.config import GROUP_SIZES, QUANTIZATIONS, EngineConfig
+from thrifty.config import GROUP_SIZES, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
 from thrifty.cost.cli import register as register_cost
 from thrifty.report.cli import register as register_report
 
@@ -44,6 +44,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "quantize any model at load (the LM head to int8). Quantized kernels: native backend")
     g.add_argument("--quantization-group-size", type=int, default=d.quantization_group_size,
                    choices=list(GROUP_SIZES), help="int4: inputs per scale and min")
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
+                   help="KV cache: auto (the model's dtype), or one byte per element with a scale per token "
+                        "and head: int8, fp8_e4m3 (fp8: the same), about half a bf16 cache's bytes per token")
 
 
 def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
@@ -53,7 +56,7 @@ def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, num_threads=args.num_threads,
               scheduler_policy=args.scheduler, backend=args.backend, quantization=args.quantization,
-              quantization_group_size=args.quantization_group_size)
+              quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype)
     kw.update(overrides)
     return kw
 

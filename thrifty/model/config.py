@@ -79,5 +79,8 @@ class ModelArchConfig:
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return layers * per_layer + embed + h
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+    def kv_bytes_per_token(self, dtype_bytes: int, quantized: bool = False) -> int:
+        """K and V of one token over all layers: head_dim elements per head, plus, in a quantized
+        cache (one byte per element), a 4-byte scale per head."""
+        per_head = self.head_dim + 4 if quantized else self.head_dim * dtype_bytes
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * per_head

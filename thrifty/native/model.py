@@ -30,7 +30,7 @@ def native_unsupported_reason(model: LlamaForCausalLM, dtype: torch.dtype, devic
 
 
 def build_native_model(model: LlamaForCausalLM, block_size: int, k_caches: list[torch.Tensor],
-                       v_caches: list[torch.Tensor]):
+                       v_caches: list[torch.Tensor], kv_cache_dtype: str = "auto"):
     cfg = model.config
     native = torch.classes.thrifty.LlamaModel(
         cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
@@ -65,7 +65,7 @@ def build_native_model(model: LlamaForCausalLM, block_size: int, k_caches: list[
         embedding = None if tied else model.embed_tokens.weight
         native.set_head(embedding, pack("lm_head", model.lm_head.weight), model.norm.weight)
         native.set_rope(model.rotary.cos, model.rotary.sin)
-        native.set_kv_caches(k_caches, v_caches)
+        native.set_kv_caches(k_caches, v_caches, kv_cache_dtype)
     weight_bytes = sum(t.numel() * t.element_size() for t in packed)
     if embedding is not None:
         weight_bytes += embedding.numel() * embedding.element_size()

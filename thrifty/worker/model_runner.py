@@ -17,7 +17,7 @@ import torch
 
 from thrifty.core.kv_cache_manager import cdiv
 from thrifty.core.scheduler import SchedulerOutput
-from thrifty.layers.attention import AttentionMetadata, kv_cache_shapes
+from thrifty.layers.attention import AttentionMetadata, kv_cache_element_dtype, kv_cache_shapes
 from thrifty.layers.sampler import Sampler, SamplerOutput, SamplingInput, greedy_output, only_argmax
 from thrifty.model.llama import LlamaForCausalLM
 from thrifty.sampling_params import SamplingParams
@@ -84,9 +84,13 @@ class StepBatch:
     seq_lens_list: list[int]
 
 
-def num_kv_blocks(model: LlamaForCausalLM, dtype: torch.dtype, block_size: int, budget_bytes: int) -> int:
-    per_block = model.config.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * block_size
-    return int(budget_bytes // per_block)
+def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    return model.config.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size(), kv_cache_dtype != "auto")
+
+
+def num_kv_blocks(model: LlamaForCausalLM, dtype: torch.dtype, block_size: int, budget_bytes: int,
+                  kv_cache_dtype: str = "auto") -> int:
+    return int(budget_bytes // (kv_bytes_per_token(model, dtype, kv_cache_dtype) * block_size))
 
 
 def available_host_bytes() -> int | None:
@@ -139,21 +143,26 @@ def resolve_backend(backend: str, model: LlamaForCausalLM, dtype: torch.dtype, d
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, block_size: int,
-                 num_blocks: int, max_model_len: int, max_num_reqs: int, seed: int = 0, backend: str = "auto"):
+                 num_blocks: int, max_model_len: int, max_num_reqs: int, seed: int = 0, backend: str = "auto",
+                 kv_cache_dtype: str = "auto"):
         self.model = model
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
+        self.kv_cache_dtype = kv_cache_dtype
         self.num_blocks = num_blocks
         self.backend = resolve_backend(backend, model, dtype, device, block_size)
         cfg = model.config
         # One block more than the pool hands out: the null block pads block tables.
         self.null_block = num_blocks
-        k_shape, v_shape = kv_cache_shapes(num_blocks + 1, cfg.num_key_value_heads, cfg.head_dim, block_size, dtype)
+        self.kv_bytes_per_token = kv_bytes_per_token(model, dtype, kv_cache_dtype)
+        k_shape, v_shape = kv_cache_shapes(num_blocks + 1, cfg.num_key_value_heads, cfg.head_dim, block_size, dtype,
+                                           kv_cache_dtype)
         # Zeroed, not empty: slots past a sequence's end are read (with zero weight) by the
         # reference attention, and 0 * NaN garbage would poison the output.
-        self.k_caches = [torch.zeros(k_shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v_caches = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        cache_dtype = kv_cache_element_dtype(dtype, kv_cache_dtype)
+        self.k_caches = [torch.zeros(k_shape, dtype=cache_dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v_caches = [torch.zeros(v_shape, dtype=cache_dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         # Block tables of every request the runner holds, one row each, updated as blocks come.
         # The step's small host arrays are numpy: torch.tensor costs several times more per call
         # at this size, and a batch-1 step makes a handful of them.
@@ -168,7 +177,8 @@ class ModelRunner:
         if self.backend == "native":
             from thrifty.native.model import build_native_model
 
-            self.native, self.weight_bytes = build_native_model(model, block_size, self.k_caches, self.v_caches)
+            self.native, self.weight_bytes = build_native_model(model, block_size, self.k_caches, self.v_caches,
+                                                                kv_cache_dtype)
         else:
             if model.quantized:
                 # A documented fallback; a warning where the user asked for int8/int4 themselves.
@@ -269,7 +279,7 @@ class ModelRunner:
         dev = self.device
         positions = torch.cat([torch.arange(s - n, s) for n, s in zip(batch.q_lens, batch.seq_lens_list)]).to(dev)
         meta = AttentionMetadata.build(batch.q_lens, batch.seq_lens_list, batch.block_table.to(dev), positions,
-                                       self.block_size)
+                                       self.block_size, self.kv_cache_dtype)
         hidden = self.model(batch.input_ids.to(dev), positions, list(zip(self.k_caches, self.v_caches)), meta)
         return self.model.compute_logits(hidden[batch.logits_indices.to(dev)])
 
