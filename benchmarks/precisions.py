@@ -1,5 +1,5 @@
 """Speed and memory by weight precision, in one run: batch 1 (B1) and 64 requests (W64) of the
-default model for each precision, interleaved over two rounds (the second in reverse order), each
+default model for each precision of weights and KV cache, interleaved over two rounds (the second in reverse order), each
 figure as a ratio to the dense bf16 engine of the same round.
 
     .venv/bin/python benchmarks/precisions.py --json docs/results/precisions_<cpu>.json
@@ -29,6 +29,9 @@ CONFIGS = {
     "int8": dict(quantization="int8"),
     "int4 g32": dict(quantization="int4", quantization_group_size=32),
     "int4 g64": dict(quantization="int4", quantization_group_size=64),
+    "bf16, KV int8": dict(quantization="none", kv_cache_dtype="int8"),
+    "Q4_1 (file), KV int8": dict(quantization="auto", kv_cache_dtype="int8"),
+    "Q4_1 (file), KV fp8": dict(quantization="auto", kv_cache_dtype="fp8_e4m3"),
 }
 WORKLOADS = {"B1": (1, 128, 128), "W64": (64, 128, 128)}
 
@@ -39,7 +42,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--b1-repeats", type=int, default=3)
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--kv-cache-dtype", default=None, help="KV cache dtype of every engine")
     ap.add_argument("--json", help="write the result rows here (JSON lines)")
     args = ap.parse_args()
 
@@ -47,8 +49,7 @@ def main() -> None:
     from thrifty.bench.throughput import run_throughput
     from thrifty.cpuinfo import cpu_flags_line, cpu_name
 
-    extra = {"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype else {}
-    engines = {name: LLM(dtype=args.dtype, max_model_len=2048, kv_cache_memory=1.0, **CONFIGS[name], **extra)
+    engines = {name: LLM(dtype=args.dtype, max_model_len=2048, kv_cache_memory=1.0, **CONFIGS[name])
                for name in args.configs}
     rows = []
     for rnd in range(args.rounds):
@@ -66,7 +67,7 @@ def main() -> None:
                 figures[name][workload + "_runs"] = runs
         for name in args.configs:
             runner = engines[name].llm_engine.runner
-            row = {"round": rnd + 1, "config": name, **CONFIGS[name], "dtype": args.dtype, **extra,
+            row = {"round": rnd + 1, "config": name, **CONFIGS[name], "dtype": args.dtype,
                    "backend": runner.backend, "weight_bytes": runner.weight_bytes,
                    "kv_bytes_per_token": runner.kv_bytes_per_token, **figures[name],
                    **{f"{w}_vs_bf16": round(figures[name][w] / figures["bf16"][w], 3)

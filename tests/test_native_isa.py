@@ -18,7 +18,7 @@ from thrifty import native
 from thrifty.cpuinfo import cpu_flags
 from thrifty.native.build import build
 
-OP_TESTS = "linear_matches or paged_attention_matches or write_kv or rms_norm"
+OP_TESTS = "linear_matches or paged_attention_matches or write_kv or rms_norm or quantized_kv"
 
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])

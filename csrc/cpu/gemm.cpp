@@ -385,7 +385,10 @@ void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinea
   const float* bias = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
   // Row blocks whose x (about 128 KiB) stays in L2 while the panels of a chunk pass over it.
   const int64_t block_rows = std::max<int64_t>(MR, (int64_t(128) << 10) / (w.K * int64_t(sizeof(T))) / MR * MR);
-  const int64_t mb = M <= 64 ? M : std::min(M, block_rows);
+  // Quantized weights dequantized for many rows are decoded once per call: a unit then takes
+  // every row (its rows of x come from L2 or L3 once per run of panels), not one row block.
+  const bool dequantize = w.is_quantized() && M >= kDequantizeRows;
+  const int64_t mb = dequantize || M <= 64 ? M : std::min(M, block_rows);
   const int64_t row_blocks = cdiv(M, mb);
   // Units of work: runs of whole tiles of panels; about four per thread (so a thread slowed by
   // a neighbour does less), or one per thread when streaming (each thread's reads one long run).
@@ -395,7 +398,6 @@ void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinea
   const int64_t chunks = std::min(cdiv(panels, nr), std::max<int64_t>(1, cdiv(per_thread * team.nth, row_blocks)));
   const int64_t chunk_panels = cdiv(cdiv(panels, chunks), nr) * nr;
   const int64_t num_chunks = cdiv(panels, chunk_panels);
-  const bool dequantize = w.is_quantized() && M >= kDequantizeRows;
   team.for_each(row_blocks * num_chunks, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<T> scratch;  // dequantized panels
     for (int64_t unit = begin; unit < end; ++unit) {
