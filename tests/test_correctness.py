@@ -52,6 +52,12 @@ def test_prompt_logprobs_match_transformers(backend, hf_model):
             assert actual.rank == int((expected > expected[ids[pos]]).sum()) + 1
             top3 = set(expected.topk(3).indices.tolist())
             assert top3 <= set(entry) and len(entry) in (3, 4)
+    # n > 1: the leader computes them once (its siblings then hit its prompt in the prefix cache).
+    two = llm.generate(prompt, SamplingParams(n=2, temperature=1.0, max_tokens=2, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    assert [e and {t: round(lp.logprob, 4) for t, lp in e.items()} for e in two.prompt_logprobs] == \
+        [e and {ids[i]: round(e[ids[i]].logprob, 4)} for i, e in enumerate(out.prompt_logprobs)]
+    assert two.num_cached_tokens == 0
     with pytest.raises(ValueError, match="prompt_logprobs must be >= 0"):
         SamplingParams(prompt_logprobs=-1)
 

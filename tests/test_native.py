@@ -299,8 +299,8 @@ def test_quantized_kv_attention_is_close_to_float(kv_cache_dtype):
                                   table, scale)
     v_max = vc.abs().max()
     err, err_bf16 = (got.double() - exact).abs().max() / v_max, (bf16.double() - exact_bf16).abs().max() / v_max
-    print(f"{kv_cache_dtype}: {err:.5f} of max|V|; a bf16 cache: {err_bf16:.5f}")
-    assert err <= KV_ERROR_BOUND[kv_cache_dtype], (err, err_bf16)
+    # The bound holds, and it is no looser than it needs to be: a bf16 cache is well inside it.
+    assert err_bf16 < err <= KV_ERROR_BOUND[kv_cache_dtype], (err, err_bf16)
 
 
 def test_paged_attention_checks_its_metadata():

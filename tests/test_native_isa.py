@@ -18,10 +18,10 @@ from thrifty import native
 from thrifty.cpuinfo import cpu_flags
 from thrifty.native.build import build
 
-OP_TESTS = "linear_matches or paged_attention_matches or write_kv or rms_norm or quantized_kv"
+OP_TESTS = "linear_matches or paged_attention_matches or write_kv or rms_norm or quantized"
 
 
-@pytest.mark.parametrize("isa", ["avx2", "generic"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_other_instruction_sets_pass_the_op_tests(isa, tmp_path):
     if native.unavailable_reason() is not None:
         pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")

@@ -102,6 +102,10 @@ void write_kv_op(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, a
   TORCH_CHECK(shape.kv_codec == KvCodec::kNone ||
                   (v_cache.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes()),
               "a quantized V cache has its K cache's dtype and shape");
+  TORCH_CHECK(k.size(1) == shape.num_kv_heads && v.scalar_type() == k.scalar_type() &&
+                  (shape.kv_codec != KvCodec::kNone || k.scalar_type() == k_cache.scalar_type()),
+              "write_kv: k and v [tokens, kv_heads, head_dim] must match the caches' heads, and a float cache's dtype");
+  TORCH_CHECK(v_cache.is_contiguous() && v_cache.size(0) == k_cache.size(0), "write_kv: caches contiguous, alike");
   TORCH_CHECK(v.sizes() == k.sizes() && v.is_contiguous(), "v must be shaped and laid out as k");
   const SeqBatch batch = make_seq_batch(query_start_loc, seq_lens, block_table, shape.block_size, k_cache.size(0));
   TORCH_CHECK(batch.num_tokens == k.size(0), "query_start_loc does not cover k's tokens");

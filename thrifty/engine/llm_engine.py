@@ -168,6 +168,8 @@ class LLMEngine:
             child_params.n = 1
             if params.seed is not None:
                 child_params.seed = params.seed + i  # siblings must not repeat each other
+            if i > 0:  # the leader computes the prompt's logprobs; its siblings hit its KV
+                child_params.prompt_logprobs = None
             child_params.all_stop_token_ids = set(self.eos_token_ids)
             seq_id = seq_ids[i]
             req = Request(seq_id, ids, child_params, self.eos_token_ids, arrival,
@@ -306,7 +308,7 @@ class LLMEngine:
         leader = state.seqs[0].request
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs,
                              state.num_unfinished == 0, state.metrics, max(leader.num_cached_tokens, 0),
-                             prompt_logprobs=state.prompt_logprobs)
+                             prompt_logprobs=None if state.prompt_logprobs is None else list(state.prompt_logprobs))
 
     def _count_tokens(self, out, num_sampled: int) -> None:
         st = self.stats

@@ -136,9 +136,12 @@ def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, kv_cache_dtype: str
     return codes.view(_KV_CODES[kv_cache_dtype][0]).float() * scales[..., None]
 
 
-def _quantized_views(cache: torch.Tensor, block_size: int, keys_first: bool):
+def _quantized_views(cache: torch.Tensor, block_size: int | None, keys_first: bool):
     """A quantized cache's codes as the fp32 layout's [blocks, H, D, bs] (K, keys_first False)
     or [blocks, H, bs, D] (V), and its scales [blocks, H, bs] (views: writes go to the cache)."""
+    if block_size is None or cache.dim() != 3 or cache.shape[-1] % block_size:
+        raise ValueError(f"a quantized KV cache [blocks, kv_heads, (head_dim + 4) x block_size] needs its block_size, "
+                         f"got shape {tuple(cache.shape)} and block_size {block_size}")
     head_dim = cache.shape[-1] // block_size - 4
     codes = cache[..., : head_dim * block_size]
     codes = codes.unflatten(-1, (block_size, head_dim) if keys_first else (head_dim, block_size))
@@ -149,11 +152,11 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
              slot_mapping: torch.Tensor, block_size: int | None = None, kv_cache_dtype: str = "auto") -> None:
     """k, v: [num_tokens, num_kv_heads, head_dim] into their slots (block_size: a quantized
     cache's; the others' is in their shape)."""
-    bs = block_size or k_cache.shape[3]
-    blocks, offsets = slot_mapping // bs, slot_mapping % bs
     if kv_cache_dtype != "auto":
-        for cache, x, keys_first in ((k_cache, k, False), (v_cache, v, True)):
-            codes, scales = _quantized_views(cache, bs, keys_first)
+        views = [(_quantized_views(k_cache, block_size, False), k, False),
+                 (_quantized_views(v_cache, block_size, True), v, True)]
+        blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+        for (codes, scales), x, keys_first in views:
             x_codes, x_scales = quantize_kv(x, kv_cache_dtype)
             if keys_first:
                 codes[blocks, :, offsets] = x_codes
@@ -161,6 +164,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
                 codes[blocks, :, :, offsets] = x_codes
             scales[blocks, :, offsets] = x_scales
         return
+    bs = k_cache.shape[3]
+    blocks, offsets = slot_mapping // bs, slot_mapping % bs
     k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
     if k_cache.dim() == 5:  # pairs
         k_cache[blocks, :, :, offsets] = k.view(*k.shape[:2], -1, 2)
@@ -170,7 +175,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
         v_cache[blocks, :, offsets] = v
 
 
-def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor, block_size: int = 16,
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor, block_size: int | None = None,
               kv_cache_dtype: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks' keys and values as [..., num_kv_heads, tokens, head_dim] (block_ids [..., n]);
     a quantized cache's dequantized, in fp32."""

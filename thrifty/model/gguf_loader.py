@@ -22,7 +22,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
 
-from thrifty.model.quantization import QuantizedWeight, from_gguf
+from thrifty.model.quantization import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,14 @@ _T = GGMLQuantizationType
 _F32 = np.float32
 
 
+def _f16_raw(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The little-endian fp16 at byte `start` of every block, as (n,) float16."""
+    return np.ascontiguousarray(blocks[:, start : start + 2]).view(np.float16)[:, 0]
+
+
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
     """The little-endian fp16 at byte `start` of every block, as (n, 1) float32."""
-    return blocks[:, start : start + 2].view(np.float16).astype(_F32)
+    return _f16_raw(blocks, start)[:, None].astype(_F32)
 
 
 def _nibbles(qs: np.ndarray, dtype: type = np.uint8) -> np.ndarray:
@@ -163,6 +168,44 @@ _FLOAT_DECODERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] 
 }
 
 SUPPORTED_GGUF_TYPES: tuple[str, ...] = tuple(t.name for t in (*_FLOAT_DECODERS, *_BLOCK_DECODERS))
+
+
+# ---------------------------------------------------------------------------
+# Blocks kept quantized (the native kernels' formats: thrifty/model/quantization.py)
+# ---------------------------------------------------------------------------
+# Each takes a matrix's blocks as (n_blocks, type_size) uint8 and its [N, K] shape.
+
+def _kept_q8_0(b: np.ndarray, n: int, k: int) -> QuantizedWeight:
+    q = np.ascontiguousarray(b[:, 2:34]).view(np.int8)
+    return QuantizedWeight(8, torch.from_numpy(q.reshape(n, k)), torch.from_numpy(_f16_raw(b, 0).reshape(n, -1)),
+                           None, 32, "Q8_0")
+
+
+def _kept_q4_0(b: np.ndarray, n: int, k: int) -> QuantizedWeight:
+    d = _f16_raw(b, 0)
+    m = (d * np.float16(-8)).astype(np.float16)  # d * (q - 8) = d * q + m, m exact: a power of two
+    return QuantizedWeight(4, torch.from_numpy(_nibbles(b[:, 2:18]).reshape(n, k)),
+                           torch.from_numpy(d.reshape(n, -1)), torch.from_numpy(m.reshape(n, -1)), 32, "Q4_0")
+
+
+def _kept_q4_1(b: np.ndarray, n: int, k: int) -> QuantizedWeight:
+    return QuantizedWeight(4, torch.from_numpy(_nibbles(b[:, 4:20]).reshape(n, k)),
+                           torch.from_numpy(_f16_raw(b, 0).reshape(n, -1)),
+                           torch.from_numpy(_f16_raw(b, 2).reshape(n, -1)), 32, "Q4_1")
+
+
+_KEPT: dict[GGMLQuantizationType, Callable[[np.ndarray, int, int], QuantizedWeight]] = {
+    _T.Q8_0: _kept_q8_0, _T.Q4_0: _kept_q4_0, _T.Q4_1: _kept_q4_1,
+}
+
+
+def from_gguf(type_name: str, raw: np.ndarray, shape: tuple[int, ...]) -> QuantizedWeight | None:
+    """A GGUF tensor's blocks as a QuantizedWeight, or None for a type thrifty has no kernel for
+    (it is then dequantized at load) or a tensor that is not a matrix."""
+    qtype = getattr(_T, type_name, None)
+    if qtype not in _KEPT or len(shape) != 2:
+        return None
+    return _KEPT[qtype](np.asarray(raw).reshape(-1, GGML_QUANT_SIZES[qtype][1]), *shape)
 _BLOCK_NAMES_Q = frozenset(t.name for t in _BLOCK_DECODERS)
 
 

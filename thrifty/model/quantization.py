@@ -12,13 +12,10 @@ kernels (csrc/cpu/gemm.h) decode q in registers and multiply in fp32 or bf16.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-logger = logging.getLogger(__name__)
 
 from thrifty.config import GROUP_SIZES
 
@@ -75,12 +72,12 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight(8, q, d, None, w.shape[1], "int8")
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
+def quantize_int4(weight: torch.Tensor, group_size: int, name: str = "the layer") -> QuantizedWeight:
     """Asymmetric int4 per group of `group_size` inputs: m = min, d = (max - min) / 15 (Q4_1's rule)."""
     n, k = weight.shape
     if group_size not in GROUP_SIZES or k % group_size:
         raise ValueError(f"quantization_group_size: {group_size} must be one of {GROUP_SIZES} and divide the "
-                         f"layer's input size {k}")
+                         f"input size of {name}, {k}")
     w = weight.detach().float().view(n, k // group_size, group_size)
     lo, hi = w.amin(dim=2), w.amax(dim=2)
     d, m = ((hi - lo) / 15).half(), lo.half()
@@ -90,8 +87,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> QuantizedWeight:
     return QuantizedWeight(4, q.view(n, k), d, m, group_size, "int4")
 
 
-def quantize(weight: torch.Tensor, method: str, group_size: int) -> QuantizedWeight:
-    return quantize_int8(weight) if method == "int8" else quantize_int4(weight, group_size)
+def quantize(weight: torch.Tensor, method: str, group_size: int, name: str = "the layer") -> QuantizedWeight:
+    return quantize_int8(weight) if method == "int8" else quantize_int4(weight, group_size, name)
 
 
 def quantize_model(model, method: str, group_size: int) -> None:
@@ -100,53 +97,10 @@ def quantize_model(model, method: str, group_size: int) -> None:
     weights to the dequantized values, which the reference path computes with."""
     for name, linear in model.quantized_linears():
         weight = linear.weight.detach().float()
-        w = quantize_int8(weight) if method == "int8" or name == "lm_head" else quantize_int4(weight, group_size)
+        w = quantize(weight, "int8" if name == "lm_head" else method, group_size, name)
         model.quantized[name] = w
         with torch.no_grad():
             linear.weight.copy_(w.dequantize())
-
-
-# -- GGUF blocks kept quantized ------------------------------------------------------------
-# Each takes the tensor's raw bytes as (n_blocks, type_size) uint8 and the logical [N, K] shape.
-
-def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
-    return np.ascontiguousarray(blocks[:, start:start + 2]).view(np.float16)[:, 0]
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """(n, 16) bytes -> (n, 32): ggml puts elements 0..15 in the low nibbles, 16..31 in the high."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
-
-
-def _gguf_q8_0(b: np.ndarray, n: int, k: int) -> QuantizedWeight:
-    q = np.ascontiguousarray(b[:, 2:34]).view(np.int8)
-    return QuantizedWeight(8, torch.from_numpy(q.reshape(n, k)), torch.from_numpy(_f16(b, 0).reshape(n, -1)),
-                           None, 32, "Q8_0")
-
-
-def _gguf_q4_0(b: np.ndarray, n: int, k: int) -> QuantizedWeight:
-    d = _f16(b, 0)
-    m = (d * np.float16(-8)).astype(np.float16)  # exact: a power of two
-    return QuantizedWeight(4, torch.from_numpy(_nibbles(b[:, 2:18]).reshape(n, k)),
-                           torch.from_numpy(d.reshape(n, -1)), torch.from_numpy(m.reshape(n, -1)), 32, "Q4_0")
-
-
-def _gguf_q4_1(b: np.ndarray, n: int, k: int) -> QuantizedWeight:
-    return QuantizedWeight(4, torch.from_numpy(_nibbles(b[:, 4:20]).reshape(n, k)),
-                           torch.from_numpy(_f16(b, 0).reshape(n, -1)), torch.from_numpy(_f16(b, 2).reshape(n, -1)),
-                           32, "Q4_1")
-
-
-GGUF_KEPT = {"Q8_0": (_gguf_q8_0, 34), "Q4_0": (_gguf_q4_0, 18), "Q4_1": (_gguf_q4_1, 20)}
-
-
-def from_gguf(type_name: str, raw: np.ndarray, shape: tuple[int, ...]) -> QuantizedWeight | None:
-    """A GGUF tensor's blocks as a QuantizedWeight, or None for a type thrifty has no kernel for
-    (it is then dequantized at load) or a tensor that is not a matrix."""
-    if type_name not in GGUF_KEPT or len(shape) != 2:
-        return None
-    decode, type_size = GGUF_KEPT[type_name]
-    return decode(np.asarray(raw).reshape(-1, type_size), *shape)
 
 
 # -- the native kernels' layout (csrc/cpu/gemm.h) ------------------------------------------

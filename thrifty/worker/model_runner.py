@@ -33,6 +33,9 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] | None
 
 
+PROMPT_LOGPROB_ROWS = 256  # rows of logits turned into prompt logprobs at a time
+
+
 @dataclass
 class PromptRows:
     """A step's rows whose logits predict prompt tokens: positions [start, start + count) of a
@@ -300,22 +303,25 @@ class ModelRunner:
 
     def _prompt_logprobs(self, prompt_rows: list[PromptRows], logits: torch.Tensor) -> dict[str, list]:
         """Per request, (position, token, logprob, rank, top logprobs) of the prompt tokens this
-        step predicted."""
+        step predicted; a few hundred rows at a time, so the temporaries stay small."""
         result: dict[str, list] = {}
         row = 0
         for r in prompt_rows:
-            logprobs = torch.log_softmax(logits[row: row + r.count].float(), dim=-1)
+            k = min(r.state.sampling_params.prompt_logprobs, logits.shape[-1])  # as the sampler caps logprobs
+            for first in range(0, r.count, PROMPT_LOGPROB_ROWS):
+                n = min(PROMPT_LOGPROB_ROWS, r.count - first)
+                logprobs = torch.log_softmax(logits[row + first: row + first + n].float(), dim=-1)
+                start = r.start + 1 + first  # the first predicted position
+                targets = torch.tensor(r.state.prompt_token_ids[start: start + n])
+                chosen = logprobs.gather(1, targets[:, None])
+                ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+                chosen = chosen[:, 0].tolist()
+                top = torch.topk(logprobs, k, dim=-1) if k else None
+                result.setdefault(r.state.req_id, []).extend(
+                    (start + i, int(targets[i]), chosen[i], ranks[i],
+                     list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else None)
+                    for i in range(n))
             row += r.count
-            targets = torch.tensor(r.state.prompt_token_ids[r.start + 1: r.start + 1 + r.count])
-            chosen = logprobs.gather(1, targets[:, None])
-            ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
-            chosen = chosen[:, 0].tolist()
-            k = r.state.sampling_params.prompt_logprobs
-            top = torch.topk(logprobs, k, dim=-1) if k else None
-            result.setdefault(r.state.req_id, []).extend(
-                (r.start + 1 + i, int(targets[i]), chosen[i], ranks[i],
-                 list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else None)
-                for i in range(r.count))
         return result
 
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
