@@ -47,11 +47,16 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& packed, const c10::o
 }
 
 // The shape of a step over a cache in attention.h's layout for the dtype (bf16: pairs; uint8: a
-// quantized cache, kv_cache_dtype int8 or fp8_e4m3).
-AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k_cache, double scale,
-                               const std::string& kv_cache_dtype) {
+// quantized cache, kv_cache_dtype int8 or fp8_e4m3). q is the step's queries (or keys): a float
+// cache has their dtype; V is K's like (a quantized one: the same shape).
+AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               double scale, const std::string& kv_cache_dtype) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: expected contiguous [num_tokens, num_heads, head_dim]");
   const KvCodec codec = kv_codec_from_name(kv_cache_dtype);
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && v_cache.is_contiguous() &&
+                  v_cache.size(0) == k_cache.size(0) &&
+                  (codec != KvCodec::kNone ? v_cache.sizes() == k_cache.sizes() : q.scalar_type() == k_cache.scalar_type()),
+              "q and the caches must share a dtype (a quantized V cache: K's dtype and shape); caches contiguous");
   TORCH_CHECK((codec != KvCodec::kNone) == (k_cache.scalar_type() == at::kByte),
               "a uint8 cache is a quantized one: give its kv_cache_dtype (int8 or fp8_e4m3)");
   if (codec != KvCodec::kNone) {
@@ -74,11 +79,7 @@ AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k_cache, d
 at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                               const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                               const at::Tensor& block_table, double scale, const std::string& kv_cache_dtype) {
-  const AttentionShape shape = attention_shape(q, k_cache, scale, kv_cache_dtype);
-  const bool quantized = shape.kv_codec != KvCodec::kNone;
-  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && v_cache.is_contiguous() &&
-                  (quantized ? v_cache.sizes() == k_cache.sizes() : q.scalar_type() == k_cache.scalar_type()),
-              "q and the caches must share a dtype (a quantized V cache: K's dtype and shape); caches contiguous");
+  const AttentionShape shape = attention_shape(q, k_cache, v_cache, scale, kv_cache_dtype);
   const SeqBatch batch = make_seq_batch(query_start_loc, seq_lens, block_table, shape.block_size, k_cache.size(0));
   TORCH_CHECK(batch.num_tokens == q.size(0), "query_start_loc does not cover q's tokens");
   const AttentionPlan plan = plan_attention(batch, shape, at::get_num_threads());
@@ -98,14 +99,9 @@ at::Tensor paged_attention_op(const at::Tensor& q, const at::Tensor& k_cache, co
 void write_kv_op(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
                  const at::Tensor& query_start_loc, const at::Tensor& seq_lens, const at::Tensor& block_table,
                  const std::string& kv_cache_dtype) {
-  const AttentionShape shape = attention_shape(k, k_cache, 1.0, kv_cache_dtype);
-  TORCH_CHECK(shape.kv_codec == KvCodec::kNone ||
-                  (v_cache.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes()),
-              "a quantized V cache has its K cache's dtype and shape");
-  TORCH_CHECK(k.size(1) == shape.num_kv_heads && v.scalar_type() == k.scalar_type() &&
-                  (shape.kv_codec != KvCodec::kNone || k.scalar_type() == k_cache.scalar_type()),
-              "write_kv: k and v [tokens, kv_heads, head_dim] must match the caches' heads, and a float cache's dtype");
-  TORCH_CHECK(v_cache.is_contiguous() && v_cache.size(0) == k_cache.size(0), "write_kv: caches contiguous, alike");
+  const AttentionShape shape = attention_shape(k, k_cache, v_cache, 1.0, kv_cache_dtype);
+  TORCH_CHECK(k.size(1) == shape.num_kv_heads && v.scalar_type() == k.scalar_type(),
+              "write_kv: k and v [tokens, kv_heads, head_dim] must match the caches' heads and each other's dtype");
   TORCH_CHECK(v.sizes() == k.sizes() && v.is_contiguous(), "v must be shaped and laid out as k");
   const SeqBatch batch = make_seq_batch(query_start_loc, seq_lens, block_table, shape.block_size, k_cache.size(0));
   TORCH_CHECK(batch.num_tokens == k.size(0), "query_start_loc does not cover k's tokens");

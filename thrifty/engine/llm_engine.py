@@ -42,6 +42,19 @@ class StepFailed(RuntimeError):
         self.stats = stats
 
 
+def _logprob_entry(decode, token_id: int, logprob: float, top: list[tuple[int, float]] | None,
+                   rank: int | None = None) -> dict[int, Logprob]:
+    """One position's logprobs as vLLM gives them: the chosen token first (its rank as given, else
+    its place among the top ones, if there), then the top ones with their ranks."""
+    entry = {token_id: Logprob(logprob, rank, decode(token_id))}
+    for r, (tid, lp) in enumerate(top or (), start=1):
+        if tid != token_id:
+            entry[tid] = Logprob(lp, r, decode(tid))
+        elif rank is None:
+            entry[tid].rank = r
+    return entry
+
+
 @dataclass
 class _Sequence:
     """Output-side state of one sampled sequence (one of a request's n)."""
@@ -264,13 +277,8 @@ class LLMEngine:
         metrics.last_token_time = now
         seq.cumulative_logprob += token.logprob
         if seq.logprobs is not None:
-            entry = {token.token_id: Logprob(token.logprob, None, seq.detok.decode_token(token.token_id))}
-            for rank, (tid, lp) in enumerate(token.top_logprobs or (), start=1):
-                if tid == token.token_id:
-                    entry[tid].rank = rank
-                else:
-                    entry[tid] = Logprob(lp, rank, seq.detok.decode_token(tid))
-            seq.logprobs.append(entry)
+            seq.logprobs.append(_logprob_entry(seq.detok.decode_token, token.token_id, token.logprob,
+                                               token.top_logprobs))
         # A stop token (EOS or stop_token_ids) ends the text without adding its own.
         stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
         stop = None
@@ -289,11 +297,7 @@ class LLMEngine:
     def _record_prompt_logprobs(self, state: _RequestState, entries: list) -> None:
         decode = state.seqs[0].detok.decode_token
         for position, token_id, logprob, rank, top in entries:
-            entry = {token_id: Logprob(logprob, rank, decode(token_id))}
-            for r, (tid, lp) in enumerate(top or (), start=1):
-                if tid != token_id:
-                    entry[tid] = Logprob(lp, r, decode(tid))
-            state.prompt_logprobs[position] = entry
+            state.prompt_logprobs[position] = _logprob_entry(decode, token_id, logprob, top, rank)
 
     def _forget(self, seq_id: str) -> None:
         self._seq_parent.pop(seq_id, None)  # the runner forgets it once the scheduler frees it

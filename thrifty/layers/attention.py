@@ -209,7 +209,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """q: [num_tokens, Hq, D], k/v: this step's [num_tokens, Hkv, D] (already in the cache)."""
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
-    if meta.kv_cache_dtype != "auto":  # fresh prefills read this step's K/V as the cache holds them
+    if meta.kv_cache_dtype != "auto" and meta.fresh_prefills:  # they read this step's K/V as the cache holds them
         k = dequantize_kv(*quantize_kv(k, meta.kv_cache_dtype), meta.kv_cache_dtype).to(k.dtype)
         v = dequantize_kv(*quantize_kv(v, meta.kv_cache_dtype), meta.kv_cache_dtype).to(v.dtype)
     if nd:

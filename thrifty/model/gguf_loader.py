@@ -168,6 +168,7 @@ _FLOAT_DECODERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] 
 }
 
 SUPPORTED_GGUF_TYPES: tuple[str, ...] = tuple(t.name for t in (*_FLOAT_DECODERS, *_BLOCK_DECODERS))
+_BLOCK_TYPE_NAMES = frozenset(t.name for t in _BLOCK_DECODERS)
 
 
 # ---------------------------------------------------------------------------
@@ -206,7 +207,6 @@ def from_gguf(type_name: str, raw: np.ndarray, shape: tuple[int, ...]) -> Quanti
     if qtype not in _KEPT or len(shape) != 2:
         return None
     return _KEPT[qtype](np.asarray(raw).reshape(-1, GGML_QUANT_SIZES[qtype][1]), *shape)
-_BLOCK_NAMES_Q = frozenset(t.name for t in _BLOCK_DECODERS)
 
 
 def dequantize(
@@ -517,9 +517,10 @@ def load_gguf_weights(
     for info, hf_name in wanted:
         raw = _tensor_bytes(buf, info)
         weight = _dequantize_np(raw, info.type_id, info.shape)
-        kept = from_gguf(_type_name(info.type_id), raw, info.shape) if keep_quantized else None
-        if keep_quantized and kept is None and len(info.shape) == 2 and _type_name(info.type_id) in _BLOCK_NAMES_Q:
-            without_kernel.add(_type_name(info.type_id))
+        type_name = _type_name(info.type_id)
+        kept = from_gguf(type_name, raw, info.shape) if keep_quantized else None
+        if keep_quantized and kept is None and len(info.shape) == 2 and type_name in _BLOCK_TYPE_NAMES:
+            without_kernel.add(type_name)
         proj = hf_name.split(".")[-2]
         if arch in _PERMUTED_ARCHS and proj in heads_for:
             weight = _unpermute_rope(weight, heads_for[proj])

@@ -150,7 +150,3 @@ def pack_quantized(w: QuantizedWeight) -> torch.Tensor:
     header[:16] = np.array([_MAGIC, w.bits, g, int(w.m is not None)], np.int32).view(np.uint8)
     header[16:32] = np.array([n, k], np.int64).view(np.uint8)
     return torch.cat([torch.from_numpy(header), torch.cat(parts, dim=2).reshape(-1)])
-
-
-def packed_bytes(packed: torch.Tensor) -> int:
-    return packed.numel() * packed.element_size()
