@@ -31,8 +31,11 @@ run: install
 	$(VENV)/bin/thrifty serve
 
 # Chromium renders the report page in one test; the script installs it if it can and never fails.
+# Prometheus (Debian) and Ray Serve (PyPI) are the real components the scale-out tests run.
 test: install
 	@bash scripts/install_chromium.sh
+	@bash scripts/install_prometheus.sh
+	@bash scripts/install_ray.sh
 	$(PY) -m pytest -q
 
 clean:
