@@ -42,6 +42,8 @@ class ServeConfig:
     timeout_s: float = 600.0
     label: str | None = None
     ignore_eos: bool = False
+    # Servers whose /metrics counters the result reports (summed): through a router, its backends.
+    metrics_urls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("completions", "chat"):
@@ -197,21 +199,23 @@ async def _arrivals(n: int, rate: float, burstiness: float, rng: random.Random):
             await asyncio.sleep(rng.gammavariate(burstiness, 1.0 / (rate * burstiness)))
 
 
-async def _server_counters(client: httpx.AsyncClient) -> dict[str, float] | None:
-    """vllm:prompt_tokens_total etc. from /metrics, summed over labels; None if unavailable."""
-    try:
-        resp = await client.get("/metrics")
-        if resp.status_code != 200:
-            return None
-        families = list(text_string_to_metric_families(resp.text))
-    except (httpx.HTTPError, ValueError):  # unreachable, or not Prometheus text
-        return None
+async def _server_counters(client: httpx.AsyncClient, urls: list[str]) -> dict[str, float] | None:
+    """vllm:prompt_tokens_total etc. from /metrics (of the server, or of each of `urls`), summed
+    over labels and servers; None if any is unavailable."""
     wanted = {"vllm:prompt_tokens_total": "prompt_tokens", "vllm:generation_tokens_total": "generation_tokens",
               "vllm:prefix_cache_queries_total": "prefix_cache_queries",
               "vllm:prefix_cache_hits_total": "prefix_cache_hits", "thrifty:cost_usd_total": "cost_usd"}
     out: dict[str, float] = {}
-    for sample in (s for family in families for s in family.samples if s.name in wanted):
-        out[wanted[sample.name]] = out.get(wanted[sample.name], 0.0) + sample.value
+    for url in [f"{u.rstrip('/')}/metrics" for u in urls] or ["/metrics"]:
+        try:
+            resp = await client.get(url)
+            if resp.status_code != 200:
+                return None
+            families = list(text_string_to_metric_families(resp.text))
+        except (httpx.HTTPError, ValueError):  # unreachable, or not Prometheus text
+            return None
+        for sample in (s for family in families for s in family.samples if s.name in wanted):
+            out[wanted[sample.name]] = out.get(wanted[sample.name], 0.0) + sample.value
     return out or None
 
 
@@ -243,7 +247,7 @@ async def run_serve(cfg: ServeConfig, prompts: list[ServePrompt], count_tokens, 
                     progress: bool = True) -> dict:
     async with _client(cfg, cfg.max_concurrency or 10_000) as client:
         model = cfg.model or await _discover_model(client)
-        before = await _server_counters(client)
+        before = await _server_counters(client, cfg.metrics_urls)
         rng = random.Random(cfg.seed)
         gate = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else contextlib.nullcontext()
         bar = _progress(len(prompts), progress)
@@ -262,7 +266,7 @@ async def run_serve(cfg: ServeConfig, prompts: list[ServePrompt], count_tokens, 
         duration = time.perf_counter() - start
         if bar is not None:
             bar.close()
-        after = await _server_counters(client)
+        after = await _server_counters(client, cfg.metrics_urls)
     result = summarize(cfg, results, duration, model, dataset)
     if before is not None and after is not None:
         result["server_counters_delta"] = {k: round(after[k] - before.get(k, 0.0), 9) for k in after}

@@ -9,6 +9,7 @@ import sys
 from thrifty.config import GROUP_SIZES, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
 from thrifty.cost.cli import register as register_cost
 from thrifty.report.cli import register as register_report
+from thrifty.router.cli import register as register_router
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -144,6 +145,9 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--price-per-hour", type=float, default=None, help="USD per hour of the server, for $/1M tokens")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a request counts as failed")
     p.add_argument("--label", default=None, help="the configuration's name in reports")
+    p.add_argument("--metrics-url", action="append", default=None, metavar="URL",
+                   help="read the server counters (tokens, prefix cache, cost) from these servers' /metrics "
+                        "instead of --base-url's, summed (through `thrifty router`: its backends; repeatable)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -157,7 +161,7 @@ def _load_setup(args: argparse.Namespace):
                       request_rate=args.request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
                       seed=args.seed, api_key=args.api_key, goodput=parse_goodput(args.goodput),
                       price_per_hour=args.price_per_hour, timeout_s=args.timeout, label=args.label,
-                      ignore_eos=args.ignore_eos)
+                      ignore_eos=args.ignore_eos, metrics_urls=args.metrics_url or [])
     tok = load_tokenizer(resolve_model(args.tokenizer))
     prompts = make_serve_prompts(args.dataset, tok, args.num_prompts + args.num_warmups, args.input_len,
                                  args.output_len, args.range_ratio, args.num_prefixes, args.prefix_len, args.seed)
@@ -258,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_report(sub)
     register_cost(sub)
+    register_router(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

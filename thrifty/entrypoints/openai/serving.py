@@ -21,25 +21,9 @@ from thrifty.entrypoints.openai.protocol import (
     CompletionRequest,
     _SamplingFields,
 )
+from thrifty.entrypoints.openai.errors import APIError, bad_request
 from thrifty.outputs import CompletionOutput, Logprob, RequestOutput
 from thrifty.sampling_params import SamplingParams
-
-
-class APIError(Exception):
-    """An OpenAI error object with its HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | int | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param=param)
 
 
 def from_value_error(e: ValueError) -> APIError:
