@@ -317,3 +317,31 @@ def test_escalation_on_mean_logprob_exactly_at_the_threshold(servers, model):
             reason = metrics(router.url).get(
                 "thrifty:router_escalations_total{from_tier=small,reason=low_logprob,to_tier=large}", 0)
             assert reason == (1 if tier == "large" else 0)
+
+
+def test_least_loaded_spreads_and_a_config_file_reloads(servers, model, tmp_path):
+    config = tmp_path / "router.yaml"
+    config.write_text(f"policy: least_loaded\nbackends: [{servers[0].url}]\n")
+    with Router("--config", str(config)) as router:
+        client = router.client()
+        assert {_backend_of(client, model=model, prompt="Hi", max_tokens=1) for _ in range(3)} == {servers[0].url}
+        config.write_text(f"policy: least_loaded\nbackends: [{servers[0].url}, {servers[1].url}]\n")
+        deadline = time.monotonic() + 30
+        while metrics(router.url).get(f"thrifty:router_backend_healthy{{backend={servers[1].url}}}") != 1:
+            assert time.monotonic() < deadline, "the new backend never joined"
+            time.sleep(0.2)
+
+        async def main() -> list[str]:
+            async with httpx.AsyncClient(timeout=120) as http:
+                async def one(i: int) -> str:
+                    body = {"model": model, "prompt": f"Story {i}:", "max_tokens": 32, "ignore_eos": True}
+                    return (await http.post(f"{router.url}/v1/completions", json=body)).headers["x-thrifty-backend"]
+
+                return await asyncio.gather(*(one(i) for i in range(4)))
+
+        used = asyncio.run(main())
+        assert sorted(used.count(s.url) for s in servers) == [2, 2], used
+        config.write_text("backends: 5\n")  # a bad edit keeps the running configuration
+        time.sleep(1.5)
+        assert router.proc.poll() is None
+        assert _backend_of(client, model=model, prompt="Hi", max_tokens=1) in {s.url for s in servers}

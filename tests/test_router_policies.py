@@ -180,3 +180,20 @@ def test_router_does_not_import_torch():
     code = ("import sys; import thrifty.entrypoints.cli, thrifty.router.app, thrifty.router.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_backend_dns_expands_a_name_into_one_backend_per_address():
+    import asyncio
+
+    from thrifty.router.pool import BackendPool
+
+    async def resolve():
+        pool = BackendPool([], ["http://localhost:8123"])
+        try:
+            pool._keep(await pool._resolve())
+            return set(pool.backends)
+        finally:
+            await pool.aclose()
+
+    urls = asyncio.run(resolve())
+    assert "http://127.0.0.1:8123" in urls and all(u.endswith(":8123") for u in urls)

@@ -131,7 +131,7 @@ class Router:
         self._config_mtime = mtime
         try:
             config = self.reload()
-        except (OSError, ValueError) as e:
+        except Exception as e:  # any bad edit (a wrong type, say) must not stop the router
             logger.error("config %s not reloaded (the running configuration stays): %s", self.config_path, e)
             return
         logger.info("config %s reloaded: policy %s, %d backend(s), %d tier(s)", self.config_path, config.policy,

@@ -155,9 +155,12 @@ class BackendPool:
     async def run(self, on_tick: Callable[[], None] | None = None) -> None:
         """Checks every backend every health_interval seconds until cancelled."""
         while True:
-            if on_tick is not None:
-                on_tick()
-            await self.check_all()
+            try:
+                if on_tick is not None:
+                    on_tick()
+                await self.check_all()
+            except Exception:  # the checks must go on whatever one round met
+                logger.exception("health check round failed")
             await asyncio.sleep(self.health_interval)
 
     async def aclose(self) -> None:
