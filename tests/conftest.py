@@ -82,30 +82,39 @@ def hf_greedy(llm, hf_model):
     return refs
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_process(args: list[str], url: str, timeout: float, any_answer: bool = False) -> subprocess.Popen:
+    """Starts `python -m thrifty.entrypoints.cli ARGS` and waits until `url`/health answers 200
+    (or, with any_answer, answers at all)."""
+    proc = subprocess.Popen([sys.executable, "-m", "thrifty.entrypoints.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{args[0]} exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200 or any_answer:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{args[0]} did not become healthy")
+
+
 class Server:
     """A real `thrifty serve` process on a free localhost port (float32, quiet logs)."""
 
     def __init__(self, *args: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "thrifty.entrypoints.cli", "serve", "--port", str(self.port), "--dtype", "float32",
-             "--disable-uvicorn-access-log", "--log-level", "warning", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.proc.kill()
-        raise RuntimeError("server did not become healthy")
+        self.proc = start_process(["serve", "--port", str(self.port), "--dtype", "float32",
+                                   "--disable-uvicorn-access-log", "--log-level", "warning", *args], self.url, 120)
 
     def stop(self, timeout: float = 60) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2 as httpx
 import openai
 import pytest
-from conftest import Server
+from conftest import Server, free_port, start_process
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -27,27 +26,10 @@ class Router:
     """A real `thrifty router` process on a free localhost port."""
 
     def __init__(self, *args: str, wait_healthy: bool = True):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "thrifty.entrypoints.cli", "router", "--port", str(self.port),
-             "--health-interval", "0.5", "--log-level", "warning", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"router exited: {self.proc.stdout.read()}")
-            try:
-                code = httpx.get(f"{self.url}/health", timeout=1).status_code
-                if code == 200 or not wait_healthy:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.proc.kill()
-        raise RuntimeError("router did not become healthy")
+        self.proc = start_process(["router", "--port", str(self.port), "--health-interval", "0.5", "--log-level",
+                                   "warning", *args], self.url, 30, any_answer=not wait_healthy)
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0)
@@ -227,16 +209,13 @@ def test_a_replica_killed_mid_run_loses_no_request_and_comes_back(servers, model
             assert m[f"thrifty:router_backend_healthy{{backend={victim.url}}}"] == 0
             assert m[f"thrifty:router_retries_total{{backend={victim.url}}}"] >= 2
             # Another server on the same port: the router takes it back once /health passes.
-            port = victim.port
-            back = subprocess.Popen(
-                [sys.executable, "-m", "thrifty.entrypoints.cli", "serve", "--port", str(port), "--dtype",
-                 "float32", "--log-level", "warning", *SERVER_ARGS], stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL)
+            back = start_process(["serve", "--port", str(victim.port), "--dtype", "float32", "--log-level",
+                                  "warning", *SERVER_ARGS], victim.url, 120)
             try:
-                deadline = time.monotonic() + 120
+                deadline = time.monotonic() + 30
                 while metrics(router.url)[f"thrifty:router_backend_healthy{{backend={victim.url}}}"] != 1:
-                    assert time.monotonic() < deadline and back.poll() is None
-                    time.sleep(0.3)
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
                 assert len({_backend_of(router.client(), model=model, prompt="Hi", max_tokens=1)
                             for _ in range(4)}) == 2
             finally:
@@ -248,9 +227,7 @@ def test_a_replica_killed_mid_run_loses_no_request_and_comes_back(servers, model
 
 
 def test_no_healthy_backend_is_a_503(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with Router("--backend", dead, wait_healthy=False) as router:
         assert httpx.get(f"{router.url}/health", timeout=5).status_code == 503
         r = httpx.post(f"{router.url}/v1/completions", json={"model": "m", "prompt": "Hi"}, timeout=10)

@@ -75,7 +75,8 @@ class BackendPool:
     def __post_init__(self) -> None:
         for url in self.static_urls:
             self.backends[url] = Backend(url)
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(2.0))
+        # Generous: a replica busy on every core may answer /health late, which is not being down.
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
 
     def healthy(self, urls: list[str] | None = None) -> list[Backend]:
         pool = self.backends.values() if urls is None else [self.backends[u] for u in urls if u in self.backends]
