@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 DASHBOARD = ROOT / "deploy" / "grafana" / "thrifty.json"
 METRICS_SOURCE = ROOT / "thrifty" / "engine" / "metrics.py"
+DOCS = ROOT / "docs" / "kubernetes.md"
 KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes the manifests are meant for (HPA v2, PDB v1)
 # Kinds the Kubernetes schemas do not have, checked by hand below.
 NOT_IN_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"), ("kustomize.config.k8s.io/v1beta1", "Kustomization")}
@@ -355,6 +356,13 @@ def test_every_metric_name_is_one_thrifty_defines():
 
 # ---- a real Prometheus scraping a real server --------------------------------------------------
 
+SCRAPE_S = 1.0
+RATE_INTERVAL = f"{int(max(SCRAPE_S + SCRAPE_S, 4 * SCRAPE_S))}s"  # Grafana's $__rate_interval at step = scrape
+KEY_NAME, KEY = "team-a", "sk-team-a"
+BURST = 8  # concurrent completions against --max-num-seqs 1: seven of them queue
+MAX_TOKENS = 128  # with BURST, long enough for several scrapes to see the queue on a fast CPU
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -362,15 +370,15 @@ def free_port() -> int:
 
 
 class Prometheus:
-    """Debian's Prometheus on a free loopback port with a temporary config and TSDB, scraping one
-    target every second with the labels Kubernetes' pod discovery would give it."""
+    """Debian's Prometheus on a free loopback port with a temporary config and TSDB, running one
+    scrape job every second."""
 
-    def __init__(self, tmp: Path, target: str, labels: dict[str, str]):
+    def __init__(self, tmp: Path, job: dict):
         binary = shutil.which("prometheus")
         assert binary, "Prometheus is not installed: run `bash scripts/install_prometheus.sh` (make test does)"
-        config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-                  "scrape_configs": [{"job_name": "thrifty", "static_configs": [{"targets": [target],
-                                                                                  "labels": labels}]}]}
+        config = {"global": {"scrape_interval": f"{SCRAPE_S:g}s", "scrape_timeout": f"{SCRAPE_S:g}s",
+                             "evaluation_interval": f"{SCRAPE_S:g}s"},
+                  "scrape_configs": [job]}
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -419,11 +427,33 @@ class Prometheus:
             self.proc.wait()
 
 
-SCRAPE_S = 1.0
-RATE_INTERVAL = f"{int(max(SCRAPE_S + SCRAPE_S, 4 * SCRAPE_S))}s"  # Grafana's $__rate_interval at step = scrape
-KEY_NAME, KEY = "team-a", "sk-team-a"
-BURST = 8  # concurrent completions against --max-num-seqs 1: seven of them queue
-MAX_TOKENS = 128  # with BURST, long enough for several scrapes to see the queue on a fast CPU
+def documented_scrape_job() -> dict:
+    """The Kubernetes scrape job docs/kubernetes.md tells users to run."""
+    text = DOCS.read_text()
+    block = re.search(r"<!-- scrape-job -->\s*```yaml\n(.*?)```", text, re.S)
+    assert block, "docs/kubernetes.md has no scrape job block"
+    (job,) = yaml.safe_load(block.group(1))["scrape_configs"]
+    return job
+
+
+def as_discovered_pod(job: dict, pod: dict, namespace: str, name: str, ip: str, port: int) -> dict:
+    """The scrape job with Kubernetes pod discovery replaced by one static target that carries the
+    __meta_kubernetes_* labels discovery would give this pod (Debian's Prometheus is built without
+    Kubernetes discovery), so that the job's relabelling runs as it would in a cluster. The port
+    annotation is the one a live server listens on here."""
+    job = copy.deepcopy(job)
+    assert job.pop("kubernetes_sd_configs") == [{"role": "pod"}]
+    job["scrape_interval"] = f"{SCRAPE_S:g}s"
+    meta = {"__meta_kubernetes_pod_annotation_" + re.sub(r"[^A-Za-z0-9_]", "_", k): str(v)
+            for k, v in pod["metadata"]["annotations"].items()}
+    assert meta["__meta_kubernetes_pod_annotation_prometheus_io_port"] == str(
+        port_number(pod["spec"]["containers"][0], "http"))
+    meta["__meta_kubernetes_pod_annotation_prometheus_io_port"] = str(port)
+    meta.update({"__meta_kubernetes_pod_ip": ip, "__meta_kubernetes_namespace": namespace,
+                 "__meta_kubernetes_pod_name": name})
+    # The address is what discovery would put before relabelling: not where the server is.
+    job["static_configs"] = [{"targets": ["discovered-pod.invalid:1"], "labels": meta}]
+    return job
 
 
 def grafana_expr(expr: str, namespace: str, model: str, range_s: int) -> str:
@@ -460,12 +490,17 @@ def test_promql_against_live_server(tmp_path):
     prom = None
     rc = None
     try:
-        host_port = server.url.removeprefix("http://")
-        prom = Prometheus(tmp_path, host_port, {"namespace": namespace, "pod": "thrifty-test-0"})
+        job = as_discovered_pod(documented_scrape_job(), dep["spec"]["template"], namespace, "thrifty-test-0",
+                                "127.0.0.1", server.port)
+        prom = Prometheus(tmp_path, job)
         deadline = time.monotonic() + 20
         while prom.scalar(keda["waiting"], time.time()) is None:  # first scrapes in
             assert time.monotonic() < deadline, "Prometheus never scraped the server"
             time.sleep(0.2)
+        # The relabelling gave the series the pod's namespace and name, at the address it built.
+        (up,) = prom.query("up", time.time())
+        assert up["metric"] == {"__name__": "up", "job": job["job_name"], "instance": f"127.0.0.1:{server.port}",
+                                "namespace": namespace, "pod": "thrifty-test-0"}, up
         now = time.time()
         assert prom.scalar(keda["waiting"], now) == 0 and prom.scalar(running_expr, now) == 0
 
