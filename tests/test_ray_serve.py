@@ -89,7 +89,8 @@ def test_options_from_thrifty_serve_flags():
 
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
-    add_ray_args(parser)
+    if "--ray" not in parser._option_string_actions:  # once `thrifty serve` has them itself
+        add_ray_args(parser)
     args = parser.parse_args(["--ray", "--dtype", "float32", "--max-replicas", "4", "--target-ongoing-requests", "16",
                               "--num-cpus-per-replica", "2", "--price-per-hour", "1.2", "--shutdown-timeout", "9",
                               "--api-key", "team-a=sk-a"])
