@@ -39,3 +39,14 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-gpus-per-replica", type=float, default=None, help="default 0")
     g.add_argument("--cost-report-interval-s", type=float, default=None,
                    help="how often each replica reports its cost to the ledger; default 5")
+    # Flags that mean nothing without --ray: given alone, they are an error rather than ignored.
+    p.set_defaults(ray_only_flags=tuple(a.option_strings[0] for a in g._group_actions if a.dest != "ray"))
+
+
+def check_ray_flags(args: argparse.Namespace) -> None:
+    if getattr(args, "ray", False):
+        return
+    given = [flag for flag in getattr(args, "ray_only_flags", ())
+             if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --ray (Ray Serve); plain `thrifty serve` runs one replica")

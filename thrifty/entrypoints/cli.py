@@ -8,6 +8,7 @@ import sys
 
 from thrifty.config import GROUP_SIZES, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
 from thrifty.cost.cli import register as register_cost
+from thrifty.deploy import add_ray_args, check_ray_flags
 from thrifty.report.cli import register as register_report
 from thrifty.router.cli import register as register_router
 
@@ -108,7 +109,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.model is not None and args.model != args.model_tag:
             raise ValueError(f"model: given twice ({args.model_tag!r} and --model {args.model!r})")
         args.model = args.model_tag
-    return run_server(args, EngineConfig(model=args.model, **engine_kwargs(args)))
+    check_ray_flags(args)
+    config = EngineConfig(model=args.model, **engine_kwargs(args))
+    if args.ray:
+        from thrifty.deploy.ray import run_from_cli
+
+        return run_from_cli(args, config)
+    return run_server(args, config)
 
 
 def _rate(value: str) -> float:
@@ -237,6 +244,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds running requests may take to finish after SIGTERM")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per request")
+    add_ray_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
