@@ -114,19 +114,26 @@ class FakeModel:
         pos = np.arange(start, end)
         return np.asarray(block_ids, dtype=np.int64)[pos // self.bs] * self.bs + pos % self.bs
 
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+    def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
         self.update_tables(out)
+        assert out.scheduled_spec_decode_tokens == {s.request.request_id: s.spec_token_ids
+                                                    for s in out.scheduled if s.spec_token_ids}
         # Write phase (as every layer writes the step's new K/V before attending). A static
         # batch's padding row rewrites its request's last position, as the runner does.
+        # Proposed tokens are computed like any other, after the request's own.
         for s in out.scheduled + out.padding:
             r = s.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
             blocks = self.tables[r.request_id]
             assert s.num_new_tokens >= 1
-            assert end <= r.num_tokens, f"{r.request_id} computes past its tokens"
+            assert end <= r.num_tokens + len(s.spec_token_ids), f"{r.request_id} computes past its tokens"
             assert len(blocks) * self.bs >= end, f"{r.request_id} has no slot for position {end - 1}"
-            self.cache[self._slots(blocks, start, end)] = self._fingerprints(r)[start:end]
-        # Read phase: a sampling request attends to its whole context.
+            fps = list(self._fingerprints(r))
+            for t in s.spec_token_ids:
+                fps.append(_fp(fps[-1], t))
+            self.cache[self._slots(blocks, start, end)] = fps[start:end]
+        # Read phase: a sampling request attends to its whole context; each proposal is accepted
+        # while it is the token the model gives at its position, then the model's own token.
         sampled = {}
         for s in out.scheduled:
             if not s.samples:
@@ -137,15 +144,35 @@ class FakeModel:
             bad = np.nonzero(got != np.asarray(fps, dtype=np.int64))[0]
             assert bad.size == 0, (f"{r.request_id}: KV of positions {bad.tolist()[:8]} is stale or missing "
                                    f"(num_cached_tokens={r.num_cached_tokens})")
-            sampled[r.request_id] = next_token(fps[-1])
+            fp, tokens = fps[-1], []
+            for d in s.spec_token_ids:
+                if d != next_token(fp):
+                    break
+                tokens.append(d)
+                fp = _fp(fp, d)
+            sampled[r.request_id] = tokens + [next_token(fp)]
         return sampled
+
+    def propose(self, sim: Sim, k: int, p_right: float, rng: random.Random) -> None:
+        """Proposals as the engine makes them (capped by max_tokens and the context), each the
+        right next token with probability p_right, else a random one."""
+        for r in sim.sched.running:
+            if r.num_tokens - r.num_computed_tokens != 1:
+                continue
+            room = min(k, r.max_tokens - r.num_output_tokens - 1, sim.cfg.max_model_len - r.num_tokens - 1)
+            fp, drafts = self._fingerprints(r)[-1], []
+            for _ in range(max(0, room)):
+                t = next_token(fp) if rng.random() < p_right else rng.randrange(1, VOCAB)
+                drafts.append(t)
+                fp = _fp(fp, t)
+            r.spec_token_ids = drafts
 
 
 class Sim:
     """Scheduler + KV cache manager + fake model, driven like LLMEngine.step."""
 
     def __init__(self, num_blocks, block_size, *, max_num_seqs=256, budget=8192, max_model_len=None,
-                 policy="continuous", caching=True):
+                 policy="continuous", caching=True, spec=None):
         self.cfg = SchedulerConfig(max_num_seqs, budget, max_model_len or num_blocks * block_size, policy)
         assert num_blocks * block_size >= self.cfg.max_model_len
         self.kv = KVCacheManager(num_blocks, block_size, caching)
@@ -155,6 +182,10 @@ class Sim:
         self.finished: list[Request] = []
         self.evictions_at_admission: dict[str, int] = {}
         self.steps = 0
+        self.spec = spec  # (k, p_right, rng): propose after every step, as the engine does
+
+    def drafted(self) -> int:
+        return self.sched.spec_stats.num_draft_tokens
 
     def add(self, request: Request) -> Request:
         assert request.num_prompt_tokens < self.cfg.max_model_len
@@ -172,6 +203,8 @@ class Sim:
         self.finished += self.sched.update_from_output(out, sampled)
         self.steps += 1
         check_state(self)
+        if self.spec is not None:
+            self.model.propose(self, *self.spec)
         return out, sampled
 
     def abort(self, rid: str) -> Request | None:
@@ -212,7 +245,8 @@ def check_scheduled(sim: Sim, out: SchedulerOutput) -> None:
     for s in out.scheduled:
         r = s.request
         assert r.status == RequestStatus.RUNNING
-        assert 1 <= s.num_new_tokens <= r.num_tokens - r.num_computed_tokens
+        assert 1 <= s.num_new_tokens <= r.num_tokens - r.num_computed_tokens + len(s.spec_token_ids)
+        assert not s.spec_token_ids or r.num_tokens - r.num_computed_tokens == 1
         assert sim.model.tables[r.request_id] == kv.get_block_ids(r.request_id)
         assert kv.num_blocks_of(r.request_id) * kv.block_size >= r.num_computed_tokens + s.num_new_tokens
     for r in out.preempted:
@@ -961,7 +995,7 @@ def drive(sim: Sim, r: Request, tokens: list[int]) -> list[int]:
             break
         while True:
             out = sim.sched.schedule()
-            sampled = {s.request.request_id: t for s in out.scheduled if s.samples}
+            sampled = {s.request.request_id: [t] for s in out.scheduled if s.samples}
             sim.sched.update_from_output(out, sampled)
             check_state(sim)
             if sampled:
@@ -1150,13 +1184,19 @@ def scenarios(draw, tight=False):
     budget = draw(st.one_of(st.integers(1, 24), st.integers(1, 256)))
     max_num_seqs = draw(st.integers(1, 16))
     aborts = draw(st.lists(st.tuples(st.integers(0, 40), st.integers(0, n_groups - 1)), max_size=4))
+    # Speculative decoding (continuous only): k proposals, each right with some probability.
+    spec = None
+    if policy == "continuous" and draw(st.booleans()):
+        spec = (draw(st.integers(1, 6)), draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])), rng.random())
     return dict(bs=bs, policy=policy, caching=caching, groups=groups, max_model_len=max_model_len,
-                num_blocks=num_blocks, budget=budget, max_num_seqs=max_num_seqs, aborts=aborts)
+                num_blocks=num_blocks, budget=budget, max_num_seqs=max_num_seqs, aborts=aborts, spec=spec)
 
 
 def run_scenario(sc):
+    spec = sc.get("spec")
     sim = Sim(sc["num_blocks"], sc["bs"], max_num_seqs=sc["max_num_seqs"], budget=sc["budget"],
-              max_model_len=sc["max_model_len"], policy=sc["policy"], caching=sc["caching"])
+              max_model_len=sc["max_model_len"], policy=sc["policy"], caching=sc["caching"],
+              spec=None if spec is None else (spec[0], spec[1], random.Random(spec[2])))
     static = sc["policy"] == "static"
     arrivals: dict[int, list[list[Request]]] = {}
     group_reqs: list[list[Request]] = []
@@ -1298,3 +1338,40 @@ def test_duplicate_block_stays_findable_after_registered_copy_is_evicted():
     c = sim.add(make_request("c", x + y, max_tokens=1))
     sim.run()
     assert c.num_cached_tokens == 12  # a's own copy of block 2 is still in the pool with its hash
+
+
+# -- speculative decoding ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p_right", [0.0, 0.6, 1.0])
+def test_speculation_gives_the_same_tokens_in_fewer_steps_when_proposals_are_right(p_right):
+    prompts = [prompt_of(n, seed=n) for n in (5, 23, 40)]
+    runs = {}
+    for spec in (None, (4, p_right, random.Random(3))):
+        sim = Sim(64, 4, max_model_len=120, budget=64, spec=spec)
+        reqs = [sim.add(make_request(f"r{i}", p, max_tokens=30)) for i, p in enumerate(prompts)]
+        sim.run()
+        check_drained(sim)
+        runs[spec is not None] = ([r.output_token_ids for r in reqs], sim.steps, sim.sched.spec_stats)
+    (plain, plain_steps, _), (spec_out, spec_steps, stats) = runs[False], runs[True]
+    assert spec_out == plain == [reference_output(p, SamplingParams(max_tokens=30, ignore_eos=True), 120)[0]
+                                 for p in prompts]
+    assert stats.num_drafts > 0 and stats.num_draft_tokens >= stats.num_drafts
+    if p_right == 1.0:
+        assert stats.num_accepted_tokens == stats.num_draft_tokens and spec_steps < plain_steps / 3
+    elif p_right == 0.0:  # a random proposal is right once in a while (the vocabulary is small)
+        assert stats.num_accepted_tokens < stats.num_draft_tokens / 10
+    assert stats.accepted_per_pos == sorted(stats.accepted_per_pos, reverse=True)
+    assert sum(stats.accepted_per_pos) == stats.num_accepted_tokens
+
+
+def test_proposals_are_dropped_before_anything_is_preempted_for_them():
+    # Room for exactly the two requests' tokens: proposals never get blocks, nobody is preempted.
+    sim = Sim(8, 4, max_model_len=16, budget=64, spec=(6, 1.0, random.Random(0)))
+    a = sim.add(make_request("a", prompt_of(7, seed=1), max_tokens=9))
+    b = sim.add(make_request("b", prompt_of(7, seed=2), max_tokens=9))
+    sim.run()
+    check_drained(sim)
+    assert sim.sched.num_preemptions == 0
+    for r in (a, b):
+        assert r.output_token_ids == reference_output(r.prompt_token_ids, r.sampling_params, 16)[0]

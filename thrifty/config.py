@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 
 from thrifty.cpuinfo import cpu_flags
@@ -19,6 +20,61 @@ GROUP_SIZES = (32, 64, 128)  # int4's inputs per scale: multiples of the kernels
 # (torch.float8_e4m3fn) hold one byte per element and a scale per token and head. "fp8" is vLLM's
 # name for fp8_e4m3.
 KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8")
+
+
+# Speculative decoding (thrifty/core/ngram_proposer.py, thrifty/layers/rejection_sampler.py).
+SPEC_METHODS = ("ngram",)
+SPEC_METHODS_PLANNED = ("draft_model", "layer_skip")  # vLLM-style names thrifty does not run yet
+MAX_SPEC_TOKENS = 32  # vLLM's MAX_SPEC_LEN
+SPEC_SWITCHES = ("cost", "always")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's --speculative-config, e.g. {"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_min": 2, "prompt_lookup_max": 5}. `switch` is thrifty's: "cost" (default)
+    speculates only while the engine's own measurements say it saves time, "always" does
+    whenever there is a proposal."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int
+    prompt_lookup_max: int
+    switch: str = "cost"
+
+    @classmethod
+    def parse(cls, value: dict | str) -> SpeculativeConfig:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"speculative_config: not JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config: expected a JSON object, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        method = value.get("method")
+        if method in SPEC_METHODS_PLANNED:
+            raise ValueError(f"speculative_config: method {method!r} is not available in thrifty yet; "
+                             f"available: {', '.join(SPEC_METHODS)}")
+        if method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config: unknown method {method!r}; available: {', '.join(SPEC_METHODS)}")
+        k = value.get("num_speculative_tokens")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPEC_TOKENS:
+            raise ValueError(f"speculative_config: num_speculative_tokens must be an integer in "
+                             f"[1, {MAX_SPEC_TOKENS}], got {k!r}")
+        # vLLM's rule: neither given -> both 5; one given -> the other copies it.
+        lo, hi = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
+        lo, hi = (5, 5) if lo is None and hi is None else (lo if lo is not None else hi, hi if hi is not None else lo)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not 1 <= lo <= hi:
+            raise ValueError(f"speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo!r} "
+                             f"and {hi!r}")
+        switch = value.get("switch", "cost")
+        if switch not in SPEC_SWITCHES:
+            raise ValueError(f"speculative_config: switch must be one of {SPEC_SWITCHES}, got {switch!r}")
+        return cls(method, k, lo, hi, switch)
 
 
 @cache
@@ -48,8 +104,13 @@ class EngineConfig:
     quantization: str = "auto"  # see QUANTIZATIONS
     quantization_group_size: int = 32  # int4: inputs per scale and min
     kv_cache_dtype: str = "auto"  # see KV_CACHE_DTYPES
+    speculative_config: dict | str | None = None  # see SpeculativeConfig; None: no speculation
 
     def __post_init__(self) -> None:
+        self.speculative = (None if self.speculative_config is None
+                            else SpeculativeConfig.parse(self.speculative_config))
+        if self.speculative is not None and self.scheduler_policy != "continuous":
+            raise ValueError("speculative_config: speculative decoding needs the continuous scheduler")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.quantization not in QUANTIZATIONS:

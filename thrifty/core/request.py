@@ -47,6 +47,8 @@ class Request:
     leader: Request | None = field(default=None, repr=False)
 
     output_token_ids: list[int] = field(default_factory=list)
+    # Proposed next tokens (speculative decoding), verified by the next step that computes them.
+    spec_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hits at first admission; -1 = not admitted yet
     num_preemptions: int = 0

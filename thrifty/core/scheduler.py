@@ -47,13 +47,34 @@ class ScheduledRequest:
     """The scheduler's own record of a request it scheduled (the runner never reads it)."""
 
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # including the proposed tokens
     padding: bool = False  # a finished static-batch member: computed, never sampled
+    spec_token_ids: list[int] = field(default_factory=list)  # proposals this step verifies
 
     @property
     def samples(self) -> bool:
         """Whether this step brings the request up to date, so its last position yields a token."""
-        return not self.padding and self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        return not self.padding and (self.request.num_computed_tokens + self.num_new_tokens
+                                     == self.request.num_tokens + len(self.spec_token_ids))
+
+
+@dataclass
+class SpecDecodeStats:
+    """Cumulative, as vLLM's vllm:spec_decode_* counters."""
+
+    num_drafts: int = 0  # requests that had proposals verified, summed over steps
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)  # [i]: proposals accepted at position i
+
+    def observe(self, num_draft: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_pos) < num_draft:
+            self.accepted_per_pos += [0] * (num_draft - len(self.accepted_per_pos))
+        for i in range(num_accepted):
+            self.accepted_per_pos[i] += 1
 
 
 @dataclass
@@ -86,6 +107,7 @@ class SchedulerOutput:
     padding_req_ids: list[str] = field(default_factory=list)  # static: one row each, recomputed, not sampled
     finished_req_ids: set[str] = field(default_factory=set)  # freed since the last step: forget them
     preempted_req_ids: set[str] = field(default_factory=set)  # freed by this step: forget them
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)  # proposals, by request id
     # What the scheduler and the engine keep for themselves.
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
@@ -124,6 +146,7 @@ class Scheduler:
         self.padding: list[Request] = []  # static: finished members of the running batch
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.spec_stats = SpecDecodeStats()
         self._sent: set[str] = set()  # requests the runner holds (sent as new, not freed since)
         self._freed: set[str] = set()  # blocks freed since the last schedule(): the runner forgets them
 
@@ -183,11 +206,20 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            new_blocks = self._allocate_or_preempt(request, num_new, out)
+            behind = request.num_tokens - request.num_computed_tokens
+            # Proposals ride along only with a request that is otherwise up to date, as far as
+            # the budget and free blocks allow (never at the cost of a preemption).
+            drafts = request.spec_token_ids[:max(0, budget - 1)] if behind == 1 else []
+            request.spec_token_ids = []
+            new_blocks = self.kv.allocate_slots(request, behind + len(drafts)) if drafts else None
             if new_blocks is None:
-                break  # the request itself was preempted
-            self._schedule(out, request, num_new, new_blocks)
+                drafts = []
+                num_new = min(behind, budget)
+                new_blocks = self._allocate_or_preempt(request, num_new, out)
+                if new_blocks is None:
+                    break  # the request itself was preempted
+            num_new = behind + len(drafts) if drafts else min(behind, budget)
+            self._schedule(out, request, num_new, new_blocks, drafts)
             budget -= num_new
             i += 1
         for request in self.padding[:budget]:
@@ -263,10 +295,12 @@ class Scheduler:
         self.running.append(request)
 
     def _schedule(self, out: SchedulerOutput, request: Request, num_new: int,
-                  new_blocks: list[KVCacheBlock]) -> None:
+                  new_blocks: list[KVCacheBlock], drafts: list[int] | None = None) -> None:
         rid = request.request_id
-        out.scheduled.append(ScheduledRequest(request, num_new))
+        out.scheduled.append(ScheduledRequest(request, num_new, spec_token_ids=drafts or []))
         out.num_scheduled_tokens[rid] = num_new
+        if drafts:
+            out.scheduled_spec_decode_tokens[rid] = drafts
         if rid not in self._sent:
             self._sent.add(rid)
             out.scheduled_new_reqs.append(NewRequestData(
@@ -291,20 +325,29 @@ class Scheduler:
         )
 
     # -- after the model ran ------------------------------------------------------------
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Advance computed counts, append sampled tokens, apply token-level stop rules.
-        Returns the requests that finished (their blocks are already freed)."""
+
+        A request that verified k proposals gets 1 to k + 1 tokens: the proposals accepted, then
+        the target's own token. The rejected proposals' KV positions are rewound (their slots
+        are overwritten by the next tokens; their blocks stay with the request). Returns the
+        requests that finished (their blocks are already freed)."""
         finished = []
         for s in out.scheduled:
             request = s.request
-            request.num_computed_tokens += s.num_new_tokens
-            token = sampled.get(request.request_id)
-            if token is None:
-                continue
-            request.output_token_ids.append(token)
-            status = self._check_stop(request, token)
-            if status is not None:
-                finished.append(self.finish_request(request.request_id, status))
+            tokens = sampled.get(request.request_id)
+            num_rejected = 0
+            if s.spec_token_ids:
+                num_accepted = len(tokens) - 1
+                num_rejected = len(s.spec_token_ids) - num_accepted
+                self.spec_stats.observe(len(s.spec_token_ids), num_accepted)
+            request.num_computed_tokens += s.num_new_tokens - num_rejected
+            for token in tokens or ():
+                request.output_token_ids.append(token)
+                status = self._check_stop(request, token)
+                if status is not None:
+                    finished.append(self.finish_request(request.request_id, status))
+                    break
         return finished
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:

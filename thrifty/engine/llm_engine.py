@@ -10,8 +10,10 @@ import torch
 
 from thrifty.config import EngineConfig
 from thrifty.core.kv_cache_manager import KVCacheManager
+from thrifty.core.ngram_proposer import NgramProposer
 from thrifty.core.request import Request, RequestStatus
 from thrifty.core.scheduler import Scheduler, SchedulerConfig, SchedulerStats
+from thrifty.core.spec_controller import SpecController
 from thrifty.engine.detokenizer import IncrementalDetokenizer
 from thrifty.model.loader import load_model, load_tokenizer, resolve_model
 from thrifty.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -131,6 +133,11 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         self.stats = EngineStats()
+        self.spec = config.speculative
+        self.proposer = (NgramProposer(self.spec.prompt_lookup_min, self.spec.prompt_lookup_max)
+                         if self.spec is not None else None)
+        self.controller = SpecController(always=self.spec is not None and self.spec.switch == "always")
+        self._speculating = False  # whether the requests got proposals for the coming step
         self._states: dict[str, _RequestState] = {}
         self._seq_parent: dict[str, _RequestState] = {}
         self._ids = itertools.count()
@@ -226,6 +233,7 @@ class LLMEngine:
         return self.step_with_stats()[0]
 
     def step_with_stats(self) -> tuple[list[RequestOutput], IterationStats]:
+        start = time.perf_counter()
         out = self.scheduler.schedule()
         stats = IterationStats(self._tokens_by_request(out))
         if out.is_empty:
@@ -240,15 +248,18 @@ class LLMEngine:
             for request_id in failed:
                 self.abort_request(request_id)
             raise StepFailed(failed, stats, e) from e
-        self._count_tokens(out, len(sampled))
+        self._count_tokens(out)
         for req_id, entries in self.runner.prompt_logprobs.items():
             state = self._seq_parent.get(req_id)
             if state is not None:
                 self._record_prompt_logprobs(state, entries)
-        self.scheduler.update_from_output(out, {rid: t.token_id for rid, t in sampled.items()})
+        num_before = {s.request.request_id: s.request.num_output_tokens for s in out.scheduled}
+        decode_only = all(s.num_new_tokens == 1 + len(s.spec_token_ids) and s.samples for s in out.scheduled)
+        self.scheduler.update_from_output(out, {rid: [t.token_id for t in ts] for rid, ts in sampled.items()})
         now = time.monotonic()
         self._record_kv_usage(self.scheduler.make_stats())
         touched: dict[str, _RequestState] = {}
+        num_sampled = 0
         for s in out.scheduled:
             req = s.request
             state = self._seq_parent.get(req.request_id)
@@ -256,11 +267,31 @@ class LLMEngine:
                 continue
             if state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = req.first_scheduled_time
-            token = sampled.get(req.request_id)
-            if token is not None:
-                self._process_token(state, req, token, now)
+            tokens = sampled.get(req.request_id)
+            if tokens:
+                # The scheduler keeps the tokens up to a stop token or the length limit.
+                first = num_before[req.request_id]
+                kept = tokens[:req.num_output_tokens - first]
+                num_sampled += self._process_tokens(state, req, kept, first, now)
                 touched[state.request_id] = state
+        self.stats.num_generation_tokens += num_sampled
+        if self.proposer is not None:
+            speculated, self._speculating = self._speculating, self.controller.decide(self.scheduler.num_running)
+            if self._speculating:
+                self._propose()
+            if decode_only:
+                self.controller.observe(len(out.scheduled), speculated, time.perf_counter() - start, num_sampled)
         return [self._make_output(state) for state in touched.values()], stats
+
+    def _propose(self) -> None:
+        """Proposals for the next step, for each request that is up to date."""
+        k = self.spec.num_speculative_tokens
+        for req in self.scheduler.running:
+            if req.num_tokens - req.num_computed_tokens != 1:
+                continue
+            # Every proposal accepted plus the bonus token must fit max_tokens and the context.
+            room = min(k, req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
+            req.spec_token_ids = self.proposer.propose(req, room)
 
     def _tokens_by_request(self, out) -> dict[str, int]:
         tokens: dict[str, int] = {}
@@ -270,29 +301,42 @@ class LLMEngine:
                 tokens[state.request_id] = tokens.get(state.request_id, 0) + s.num_new_tokens
         return tokens
 
-    def _process_token(self, state: _RequestState, req: Request, token: SampledToken, now: float) -> None:
+    def _process_tokens(self, state: _RequestState, req: Request, tokens: list[SampledToken], first: int,
+                        now: float) -> int:
+        """The step's tokens of one sequence (several when it verified proposals), which are its
+        outputs from index `first` on. Returns how many it keeps (a stop string ends it early)."""
         seq = next(q for q in state.seqs if q.request is req)
         metrics = state.metrics
         metrics.first_token_time = metrics.first_token_time or now
         metrics.last_token_time = now
-        seq.cumulative_logprob += token.logprob
-        if seq.logprobs is not None:
-            seq.logprobs.append(_logprob_entry(seq.detok.decode_token, token.token_id, token.logprob,
-                                               token.top_logprobs))
-        # A stop token (EOS or stop_token_ids) ends the text without adding its own.
-        stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
-        stop = None
-        if not stopped_by_token or req.sampling_params.include_stop_str_in_output:
-            stop = seq.detok.add_token(token.token_id)
-        if stop is not None and not req.is_finished:
-            req.stop_reason = stop
-            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
-        if req.is_finished:
-            self._forget(req.request_id)
-            state.num_unfinished -= 1
-            if state.num_unfinished == 0:
-                metrics.finished_time = now
-                self._states.pop(state.request_id, None)
+        for i, token in enumerate(tokens):
+            seq.cumulative_logprob += token.logprob
+            if seq.logprobs is not None:
+                seq.logprobs.append(_logprob_entry(seq.detok.decode_token, token.token_id, token.logprob,
+                                                   token.top_logprobs))
+            # A stop token (EOS or stop_token_ids), always the last kept, ends the text without
+            # adding its own.
+            stopped_by_token = i == len(tokens) - 1 and req.status == RequestStatus.FINISHED_STOPPED
+            stop = None
+            if not stopped_by_token or req.sampling_params.include_stop_str_in_output:
+                stop = seq.detok.add_token(token.token_id)
+            if stop is not None and not req.is_finished:
+                req.stop_reason = stop
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+                del req.output_token_ids[first + i + 1:]  # tokens verified past the stop string
+                tokens = tokens[:i + 1]
+            if i == len(tokens) - 1:  # the scheduler's stop rules end a request at its last kept token
+                if req.is_finished:
+                    self._finished(state, req, now)
+                return i + 1
+        return len(tokens)
+
+    def _finished(self, state: _RequestState, req: Request, now: float) -> None:
+        self._forget(req.request_id)
+        state.num_unfinished -= 1
+        if state.num_unfinished == 0:
+            state.metrics.finished_time = now
+            self._states.pop(state.request_id, None)
 
     def _record_prompt_logprobs(self, state: _RequestState, entries: list) -> None:
         decode = state.seqs[0].detok.decode_token
@@ -301,6 +345,8 @@ class LLMEngine:
 
     def _forget(self, seq_id: str) -> None:
         self._seq_parent.pop(seq_id, None)  # the runner forgets it once the scheduler frees it
+        if self.proposer is not None:
+            self.proposer.forget(seq_id)
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         outputs = [
@@ -314,14 +360,13 @@ class LLMEngine:
                              state.num_unfinished == 0, state.metrics, max(leader.num_cached_tokens, 0),
                              prompt_logprobs=None if state.prompt_logprobs is None else list(state.prompt_logprobs))
 
-    def _count_tokens(self, out, num_sampled: int) -> None:
+    def _count_tokens(self, out) -> None:
         st = self.stats
         st.num_steps += 1
         st.max_step_tokens = max(st.max_step_tokens, out.total_num_scheduled_tokens)
         for s in out.scheduled:
             prompt_left = s.request.num_prompt_tokens - s.request.num_computed_tokens
             st.num_prompt_tokens += max(0, min(prompt_left, s.num_new_tokens))
-        st.num_generation_tokens += num_sampled
 
     def _record_kv_usage(self, sched: SchedulerStats) -> None:
         st = self.stats

@@ -56,6 +56,39 @@ class _EngineStateCollector:
             c.add_metric([self.model_name], value)
             yield c
         yield from self._cost(time.monotonic())
+        if self.llm.engine.spec is not None:
+            yield from self._spec()
+
+    def _spec(self):
+        """vLLM's speculative-decoding counters, and thrifty's switch state and savings."""
+        engine = self.llm.engine
+        spec, controller = engine.scheduler.spec_stats, engine.controller
+        for name, doc, value in (
+            ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts),
+            ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", spec.num_draft_tokens),
+            ("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.", spec.num_accepted_tokens),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric([self.model_name], value)
+            yield c
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Accepted tokens per draft position.", labels=["model_name", "position"])
+        for position, value in enumerate(spec.accepted_per_pos):
+            per_pos.add_metric([self.model_name, str(position)], value)
+        yield per_pos
+        # Gauges: an estimate, revised as the measurements are, so it may go down.
+        for name, doc, value in (
+            ("thrifty:spec_decode_enabled", "1 while the cost-aware switch has speculation on, else 0.",
+             1.0 if controller.enabled else 0.0),
+            ("thrifty:spec_decode_saved_seconds",
+             "Engine time speculation saved so far, from the switch's measured seconds per token with and without.",
+             controller.saved_seconds),
+            ("thrifty:spec_decode_saved_usd", "thrifty:spec_decode_saved_seconds x price.",
+             controller.saved_seconds * self.llm.cost.price_per_s),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric([self.model_name], value)
+            yield g
 
     def _cost(self, now: float):
         cost = self.llm.cost

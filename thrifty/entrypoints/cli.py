@@ -49,6 +49,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
                    help="KV cache: auto (the model's dtype), or one byte per element with a scale per token "
                         "and head: int8, fp8_e4m3 (fp8: the same), about half a bf16 cache's bytes per token")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="speculative decoding, as vLLM's: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                        "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}'; thrifty's \"switch\": \"cost\" "
+                        "(default: only while measured to save time) or \"always\" (docs/speculative.md)")
 
 
 def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
@@ -58,7 +62,8 @@ def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, num_threads=args.num_threads,
               scheduler_policy=args.scheduler, backend=args.backend, quantization=args.quantization,
-              quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype)
+              quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype,
+              speculative_config=args.speculative_config)
     kw.update(overrides)
     return kw
 

@@ -58,7 +58,7 @@ def apply_min_tokens(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch
     return out
 
 
-def _uses_penalties(params: SamplingParams) -> bool:
+def uses_penalties(params: SamplingParams) -> bool:
     return (
         params.repetition_penalty != 1.0
         or params.frequency_penalty != 0.0
@@ -79,7 +79,7 @@ def _token_counts(seqs: list[list[int]], vocab: int, device: torch.device) -> to
 
 def apply_penalties(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.Tensor:
     """Return logits with repetition/frequency/presence penalties applied (out of place)."""
-    rows = [i for i, inp in enumerate(inputs) if _uses_penalties(inp.params)]
+    rows = [i for i, inp in enumerate(inputs) if uses_penalties(inp.params)]
     if not rows:
         return logits
     device = logits.device
@@ -175,7 +175,7 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, -math.inf)
 
 
-def _exponential_noise(
+def exponential_noise(
     shape: torch.Size,
     device: torch.device,
     generators: list[torch.Generator | None],
@@ -202,6 +202,15 @@ def _exponential_noise(
 def _sample_random(
     logits: torch.Tensor, inputs: list[SamplingInput], default: torch.Generator
 ) -> torch.Tensor:
+    probs = random_probs(logits, inputs)
+    noise = exponential_noise(probs.shape, probs.device, [inp.generator for inp in inputs], default)
+    # Exponential race: argmax(p_i / E_i) is distributed as Categorical(p), and it avoids the
+    # device sync torch.multinomial needs.
+    return (probs / noise).argmax(dim=-1)
+
+
+def random_probs(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.Tensor:
+    """The distribution each random row samples from: temperature, top-k, top-p, min-p applied."""
     device = logits.device
     vocab = logits.shape[1]
     params = [inp.params for inp in inputs]
@@ -222,19 +231,14 @@ def _sample_random(
         )
     if any(p.min_p > 0.0 for p in params):
         logits = _apply_min_p(logits, vector([p.min_p for p in params]))
-
-    probs = logits.softmax(dim=-1)
-    noise = _exponential_noise(probs.shape, device, [inp.generator for inp in inputs], default)
-    # Exponential race: argmax(p_i / E_i) is distributed as Categorical(p), and it avoids the
-    # device sync torch.multinomial needs.
-    return (probs / noise).argmax(dim=-1)
+    return logits.softmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------
 # Logprobs
 
 
-def _top_logprobs(
+def top_logprobs(
     logprobs: torch.Tensor, inputs: list[SamplingInput]
 ) -> list[list[tuple[int, float]] | None]:
     result: list[list[tuple[int, float]] | None] = [
@@ -259,7 +263,7 @@ def _top_logprobs(
 def only_argmax(inputs: list[SamplingInput]) -> bool:
     """True when every row's token is its raw logits' argmax and nothing else is asked of them
     (no penalties, no min_tokens masking, no top logprobs): a greedy pass suffices."""
-    return all(inp.params.greedy and not inp.params.logprobs and not _uses_penalties(inp.params)
+    return all(inp.params.greedy and not inp.params.logprobs and not uses_penalties(inp.params)
                and not _below_min_tokens(inp) for inp in inputs)
 
 
@@ -284,7 +288,7 @@ class Sampler:
         # One generator per device: a torch.Generator can only feed tensors on its own device.
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _default_generator(self, device: torch.device) -> torch.Generator:
+    def default_generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
@@ -311,7 +315,7 @@ class Sampler:
                 tokens, token_logprobs = fast
                 return greedy_output(tokens.tolist(), token_logprobs.tolist(), inputs)
         if len(random_rows) == len(inputs):
-            tokens = _sample_random(processed, inputs, self._default_generator(raw.device))
+            tokens = _sample_random(processed, inputs, self.default_generator(raw.device))
         else:
             tokens = processed.argmax(dim=-1)
             if random_rows:
@@ -319,7 +323,7 @@ class Sampler:
                 sampled = _sample_random(
                     processed.index_select(0, idx),
                     [inputs[i] for i in random_rows],
-                    self._default_generator(raw.device),
+                    self.default_generator(raw.device),
                 )
                 tokens = tokens.index_copy(0, idx, sampled)
 
@@ -330,5 +334,5 @@ class Sampler:
         return SamplerOutput(
             token_ids=tokens.tolist(),
             logprobs=token_logprobs.tolist(),
-            top_logprobs=_top_logprobs(logprobs, inputs),
+            top_logprobs=top_logprobs(logprobs, inputs),
         )

@@ -18,6 +18,7 @@ import torch
 from thrifty.core.kv_cache_manager import cdiv
 from thrifty.core.scheduler import SchedulerOutput
 from thrifty.layers.attention import AttentionMetadata, kv_cache_element_dtype, kv_cache_shapes
+from thrifty.layers.rejection_sampler import verify
 from thrifty.layers.sampler import Sampler, SamplerOutput, SamplingInput, greedy_output, only_argmax
 from thrifty.model.llama import LlamaForCausalLM
 from thrifty.sampling_params import SamplingParams
@@ -234,8 +235,12 @@ class ModelRunner:
             self.free_rows.append(state.row)
 
     # -- the step -----------------------------------------------------------------------------
-    def _prepare(self, out: SchedulerOutput) -> tuple[StepBatch, list[CachedRequestState], list[PromptRows]]:
+    def _prepare(self, out: SchedulerOutput) -> tuple[StepBatch, list[tuple[CachedRequestState, list[int]]],
+                                                      list[PromptRows]]:
+        """The flat batch, the requests that sample (with the proposals each verifies: one
+        logits row per proposal, plus one), and the rows that predict prompt tokens."""
         seqs: list[tuple[CachedRequestState, int, int]] = []  # state, first position, new tokens
+        spec = out.scheduled_spec_decode_tokens
         for req_id, n in out.num_scheduled_tokens.items():
             state = self.requests[req_id]
             seqs.append((state, state.num_computed_tokens, n))
@@ -247,18 +252,21 @@ class ModelRunner:
         seqs.sort(key=lambda s: (s[2] > 1, s[1] > 0, s[2]))
         ids: list[int] = []
         q_lens, seq_lens, rows, logits_indices = [], [], [], []
-        sampled: list[CachedRequestState] = []
+        sampled: list[tuple[CachedRequestState, list[int]]] = []
         prompt_rows: list[PromptRows] = []  # their logits go after the sampled rows'
         padding = set(out.padding_req_ids)
         for state, start, n in seqs:
             first_row = len(ids)
-            ids.extend([state.token_at(start)] if n == 1 else state.tokens(start, start + n))
+            drafts = spec.get(state.req_id, [])
+            n_real = n - len(drafts)
+            ids.extend([state.token_at(start)] if n_real == 1 else state.tokens(start, start + n_real))
+            ids.extend(drafts)
             q_lens.append(n)
             seq_lens.append(start + n)
             rows.append(state.row)
-            if start + n == state.num_tokens and state.req_id not in padding:
-                logits_indices.append(len(ids) - 1)
-                sampled.append(state)
+            if start + n_real == state.num_tokens and state.req_id not in padding:
+                logits_indices.extend(range(len(ids) - len(drafts) - 1, len(ids)))
+                sampled.append((state, drafts))
             # Position p's logits predict prompt token p + 1 (the last one's, the first output).
             end = min(start + n, len(state.prompt_token_ids) - 1)
             if state.sampling_params.prompt_logprobs is not None and start < end:
@@ -286,20 +294,28 @@ class ModelRunner:
         hidden = self.model(batch.input_ids.to(dev), positions, list(zip(self.k_caches, self.v_caches)), meta)
         return self.model.compute_logits(hidden[batch.logits_indices.to(dev)])
 
-    def _forward_and_sample(self, batch: StepBatch, inputs: list[SamplingInput]) -> tuple[SamplerOutput, torch.Tensor]:
-        """The sampled tokens, and the logits of the rows after the sampled ones (prompt logprobs)."""
+    def _forward_and_sample(self, batch: StepBatch, inputs: list[SamplingInput],
+                            drafts: list[list[int]]) -> tuple[list[SamplerOutput], torch.Tensor]:
+        """Each sampling request's tokens (one, or 1 to k + 1 when it verifies k proposals), and
+        the logits of the rows after the sampling ones (prompt logprobs). `inputs` has a row per
+        logits row of the sampling requests, in order."""
         n = len(inputs)
-        if self.backend != "native":
+        if self.backend == "native":
+            # When every row only needs its argmax, the forward itself picks it, with no second
+            # pass (and a step that samples no row asks for no pick).
+            greedy = bool(inputs) and only_argmax(inputs)
+            logits, token_ids, logprobs = self.native.forward(
+                batch.input_ids, batch.query_start_loc, batch.seq_lens, batch.block_table, batch.logits_indices,
+                greedy)
+            if greedy:
+                return _accept_argmax(token_ids[:n].tolist(), logprobs[:n].tolist(), inputs, drafts), logits[n:]
+        else:
             logits = self._logits(batch)
-            return self.sampler(logits[:n], inputs), logits[n:]
-        # When every row only needs its argmax, the forward itself picks it, with no second pass
-        # (and a step that samples no row asks for no pick).
-        greedy = bool(inputs) and only_argmax(inputs)
-        logits, token_ids, logprobs = self.native.forward(batch.input_ids, batch.query_start_loc, batch.seq_lens,
-                                                          batch.block_table, batch.logits_indices, greedy)
-        if greedy:
-            return greedy_output(token_ids[:n].tolist(), logprobs[:n].tolist(), inputs), logits[n:]
-        return self.sampler(logits[:n], inputs), logits[n:]
+        if not any(drafts):
+            whole = self.sampler(logits[:n], inputs)
+            return [SamplerOutput([t], [lp], [top]) for t, lp, top in
+                    zip(whole.token_ids, whole.logprobs, whole.top_logprobs)], logits[n:]
+        return verify(logits[:n], inputs, drafts, self.sampler.default_generator(logits.device)), logits[n:]
 
     def _prompt_logprobs(self, prompt_rows: list[PromptRows], logits: torch.Tensor) -> dict[str, list]:
         """Per request, (position, token, logprob, rank, top logprobs) of the prompt tokens this
@@ -324,17 +340,35 @@ class ModelRunner:
             row += r.count
         return result
 
-    def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
-        """Runs the step; returns each sampling request's token. The prompt logprobs the step
+    def execute(self, out: SchedulerOutput) -> dict[str, list[SampledToken]]:
+        """Runs the step; returns each sampling request's tokens. The prompt logprobs the step
         computed are left in `self.prompt_logprobs` (request id -> entries) for the engine."""
         self._update_states(out)
         batch, sampled, prompt_rows = self._prepare(out)
-        inputs = [SamplingInput(s.sampling_params, s.prompt_token_ids, s.output_token_ids,
-                                self.generators.get(s.req_id)) for s in sampled]
-        result, prompt_logits = self._forward_and_sample(batch, inputs)
+        inputs = []
+        for s, drafts in sampled:  # a proposal's row samples as if the proposals before it were output
+            generator = self.generators.get(s.req_id)
+            inputs.append(SamplingInput(s.sampling_params, s.prompt_token_ids, s.output_token_ids, generator))
+            inputs += [SamplingInput(s.sampling_params, s.prompt_token_ids, s.output_token_ids + drafts[:i + 1],
+                                     generator) for i in range(len(drafts))]
+        results, prompt_logits = self._forward_and_sample(batch, inputs, [d for _, d in sampled])
         self.prompt_logprobs = self._prompt_logprobs(prompt_rows, prompt_logits) if prompt_rows else {}
         tokens = {}
-        for i, state in enumerate(sampled):
-            state.output_token_ids.append(result.token_ids[i])
-            tokens[state.req_id] = SampledToken(result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+        for (state, _), result in zip(sampled, results):
+            state.output_token_ids.extend(result.token_ids)
+            tokens[state.req_id] = [SampledToken(t, lp, top) for t, lp, top in
+                                    zip(result.token_ids, result.logprobs, result.top_logprobs)]
         return tokens
+
+
+def _accept_argmax(token_ids: list[int], logprobs: list[float], inputs: list[SamplingInput],
+                   drafts: list[list[int]]) -> list[SamplerOutput]:
+    """Greedy rows' tokens from the forward's own argmax: each proposal is accepted while it is
+    the argmax of its row, then the argmax of the first row it is not (rejection_sampler.py)."""
+    results, row = [], 0
+    for d in drafts:
+        n = next((i for i, t in enumerate(d) if t != token_ids[row + i]), len(d))
+        results.append(greedy_output(d[:n] + [token_ids[row + n]], logprobs[row: row + n + 1],
+                                     inputs[row: row + n + 1]))
+        row += len(d) + 1
+    return results
