@@ -1,6 +1,8 @@
 """Workloads for the benchmarks: token ids for `bench throughput`, text for `bench serve`.
 
 - random: every prompt has exactly `input_len` random tokens and asks for exactly `output_len`.
+- grounded: passages of Python's documentation to be copied (grounded_dataset): outputs that
+  repeat the prompt, the workload of speculative decoding.
 - mixed: lengths spread like real traffic. Input lengths are uniform in
   [input_len / 4, 2 * input_len]; output lengths are log-normal (sigma 1) with mean
   `output_len`, clipped to [1, 8 * output_len]: most answers are short, a few are very long,
@@ -63,6 +65,30 @@ def make_dataset(name: str, num_prompts: int, input_len: int, output_len: int, v
         if n_in >= max_model_len:
             raise ValueError(f"input_len {n_in} does not fit max_model_len {max_model_len}")
         requests.append(BenchRequest(_random_tokens(rng, n_in, vocab_size, special_ids), n_out))
+    return requests
+
+
+GROUNDED_INSTRUCTION = "Copy the following text exactly.\n\nText:\n{passage}\n\nCopy:\n"
+
+
+def grounded_dataset(tokenizer, num_prompts: int, input_len: int, output_len: int, max_model_len: int,
+                     seed: int = 0) -> list[BenchRequest]:
+    """Input-grounded requests (an answer that repeats its prompt, as summaries, extractions and
+    edits largely do): passages of `input_len` tokens of Python's own documentation
+    (pydoc_data.topics, shipped with CPython), each to be copied. Speculative decoding's workload."""
+    import pydoc_data.topics
+
+    texts = [t for _, t in sorted(pydoc_data.topics.topics.items()) if len(t) > 8 * input_len]
+    if num_prompts > len(texts):
+        raise ValueError(f"grounded: at most {len(texts)} prompts of {input_len} tokens")
+    rng = random.Random(seed)
+    requests = []
+    for text in rng.sample(texts, num_prompts):
+        passage = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:input_len])
+        ids = tokenizer.encode(GROUNDED_INSTRUCTION.format(passage=passage), add_special_tokens=True)
+        if len(ids) >= max_model_len:
+            raise ValueError(f"grounded: a prompt of {len(ids)} tokens does not fit max_model_len {max_model_len}")
+        requests.append(BenchRequest(ids, max(1, min(output_len, max_model_len - len(ids)))))
     return requests
 
 

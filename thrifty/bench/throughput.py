@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from thrifty.bench.datasets import make_dataset
+from thrifty.bench.datasets import grounded_dataset, make_dataset
 from thrifty.cpuinfo import cpu_flags_line, cpu_name
 from thrifty.entrypoints.llm import LLM
 from thrifty.sampling_params import SamplingParams
@@ -28,8 +28,11 @@ def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, out
     engine = llm.llm_engine
     tok = engine.tokenizer
     special = set(tok.all_special_ids) | set(engine.eos_token_ids)
-    requests = make_dataset(dataset, num_prompts, input_len, output_len, engine.vocab_size, special,
-                            engine.max_model_len, seed)
+    if dataset == "grounded":
+        requests = grounded_dataset(tok, num_prompts, input_len, output_len, engine.max_model_len, seed)
+    else:
+        requests = make_dataset(dataset, num_prompts, input_len, output_len, engine.vocab_size, special,
+                                engine.max_model_len, seed)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=ignore_eos) for r in requests]
     # Warm up allocator and kernels with one tiny request so the clock measures steady work.
@@ -60,6 +63,7 @@ def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, out
         "total_output_tokens": num_out,
         "num_steps": engine.stats.num_steps,
         "num_preemptions": engine.make_stats().num_preemptions,
+        **_spec_fields(engine),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "quantization": engine.config.quantization,
         "quantization_group_size": engine.config.quantization_group_size,
@@ -75,6 +79,20 @@ def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, out
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def _spec_fields(engine) -> dict:
+    if engine.spec is None:
+        return {"speculative_config": None}
+    spec = engine.scheduler.spec_stats
+    return {"speculative_config": {k: getattr(engine.spec, k) for k in (
+                "method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "switch")},
+            "spec_num_drafts": spec.num_drafts, "spec_num_draft_tokens": spec.num_draft_tokens,
+            "spec_num_accepted_tokens": spec.num_accepted_tokens,
+            "spec_acceptance_rate": round(spec.num_accepted_tokens / spec.num_draft_tokens, 4)
+            if spec.num_draft_tokens else None,
+            "spec_acceptance_per_pos": [round(a / spec.num_drafts, 4) for a in spec.accepted_per_pos]
+            if spec.num_drafts else []}
 
 
 def print_table(result: dict) -> None:

@@ -12,7 +12,7 @@ from thrifty.config import EngineConfig
 from thrifty.core.kv_cache_manager import KVCacheManager
 from thrifty.core.ngram_proposer import NgramProposer
 from thrifty.core.request import Request, RequestStatus
-from thrifty.core.scheduler import Scheduler, SchedulerConfig, SchedulerStats
+from thrifty.core.scheduler import Scheduler, SchedulerConfig, SchedulerStats, SpecDecodeStats
 from thrifty.core.spec_controller import SpecController
 from thrifty.engine.detokenizer import IncrementalDetokenizer
 from thrifty.model.loader import load_model, load_tokenizer, resolve_model
@@ -215,6 +215,7 @@ class LLMEngine:
     def reset_stats(self) -> None:
         self.stats = EngineStats()
         self.scheduler.num_preemptions = 0
+        self.scheduler.spec_stats = SpecDecodeStats()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

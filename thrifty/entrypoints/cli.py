@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     tp = bench_sub.add_parser("throughput", help="offline throughput on a synthetic workload (JSON output)")
     add_engine_args(tp)
-    tp.add_argument("--dataset", default="random", choices=["random", "mixed"])
+    tp.add_argument("--dataset", default="random", choices=["random", "mixed", "grounded"],
+                    help="grounded: passages of Python's documentation to copy (speculative decoding's workload)")
     tp.add_argument("--workload", default=None, choices=["W64", "B1", "long", "prefill"],
                     help="preset sizes: W64 = 64 prompts x 128 in / 128 out, B1 = 1 x 128 / 128, "
                          "long = 16 x 1024 / 256, prefill = 8 x 1024 / 1 (explicit sizes still override)")

@@ -1,0 +1,88 @@
+"""Speculative decoding against none, on an input-grounded workload, at batch 1 and batch 32.
+
+    python benchmarks/spec_decode.py [--json FILE] [--rounds 2]
+
+The workload is `thrifty bench throughput --dataset grounded`: passages of Python's documentation
+(pydoc_data, shipped with CPython) to be copied, greedy, up to --output-len tokens (stopping at
+EOS). Configurations: no speculation, n-gram with the cost-aware switch (thrifty's default) and
+n-gram always on. All engines are loaded first; then, per round, each batch size runs every
+configuration in turn (the order reversed every other round), so the ratios compare
+measurements taken side by side. Batch 1 is --b1-prompts requests one after the other (each
+alone in the engine). Prints one JSON line per run and a summary of ratios against none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from thrifty import LLM
+from thrifty.bench.throughput import run_throughput
+from thrifty.cpuinfo import cpu_flags_line, cpu_name
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--b1-prompts", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default="auto")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    def ngram(switch: str) -> dict:
+        return {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2,
+                "prompt_lookup_max": 5, "switch": switch}
+
+    configs = {"none": None, "ngram_cost": ngram("cost"), "ngram_always": ngram("always")}
+    llms = {name: LLM(dtype=args.dtype, quantization=args.quantization, max_model_len=2048, kv_cache_memory=1.0,
+                      speculative_config=spec) for name, spec in configs.items()}
+    rows = []
+    for rnd in range(args.rounds):
+        for batch in (1, args.batch):
+            order = list(configs) if rnd % 2 == 0 else list(configs)[::-1]
+            for name in order:
+                llm = llms[name]
+                runs = ([run_throughput(llm, "grounded", 1, args.input_len, args.output_len, ignore_eos=False,
+                                        seed=100 * rnd + i, use_tqdm=False) for i in range(args.b1_prompts)]
+                        if batch == 1 else
+                        [run_throughput(llm, "grounded", batch, args.input_len, args.output_len, ignore_eos=False,
+                                        seed=rnd, use_tqdm=False)])
+                tokens = sum(r["total_output_tokens"] for r in runs)
+                seconds = sum(r["elapsed_s"] for r in runs)
+                drafts = sum(r.get("spec_num_draft_tokens", 0) for r in runs)
+                accepted = sum(r.get("spec_num_accepted_tokens", 0) for r in runs)
+                row = {"kind": "spec_decode", "round": rnd, "batch": batch, "config": name,
+                       "output_tokens": tokens, "elapsed_s": round(seconds, 3),
+                       "output_tokens_per_s": round(tokens / seconds, 2),
+                       "acceptance_rate": round(accepted / drafts, 4) if drafts else None,
+                       "acceptance_per_pos": runs[-1].get("spec_acceptance_per_pos"),
+                       "switch_estimates_s_per_token": {str(b): v for b, v in
+                                                        llm.llm_engine.controller.estimates().items()}
+                       if configs[name] else None}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    summary = {"kind": "spec_decode_summary", "machine": cpu_name(), "cpu_flags": cpu_flags_line(),
+               "date": time.strftime("%Y-%m-%d"), "dtype": runs[0]["dtype"], "quantization": args.quantization,
+               "k": args.k, "input_len": args.input_len, "output_len": args.output_len, "ratios_vs_none": {}}
+    for r in rows:
+        if r["config"] != "none":
+            base = next(b for b in rows if b["config"] == "none" and b["round"] == r["round"]
+                        and b["batch"] == r["batch"])
+            key = f"{r['config']}@B{r['batch']}"
+            summary["ratios_vs_none"].setdefault(key, []).append(
+                round(r["output_tokens_per_s"] / base["output_tokens_per_s"], 3))
+    print(json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**summary, "rows": rows}, f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
