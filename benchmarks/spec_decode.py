@@ -27,11 +27,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--input-len", type=int, default=256)
-    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256, help="a copy of the whole passage, then EOS")
     ap.add_argument("--b1-prompts", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default="auto")
+    ap.add_argument("--workloads", default="grounded,random",
+                    help="grounded (outputs copy the prompt), random (random tokens in and out: proposals are "
+                         "rarely found or right, the case the cost-aware switch is for)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -44,37 +47,23 @@ def main() -> None:
                       speculative_config=spec) for name, spec in configs.items()}
     rows = []
     for rnd in range(args.rounds):
-        for batch in (1, args.batch):
-            order = list(configs) if rnd % 2 == 0 else list(configs)[::-1]
-            for name in order:
-                llm = llms[name]
-                runs = ([run_throughput(llm, "grounded", 1, args.input_len, args.output_len, ignore_eos=False,
-                                        seed=100 * rnd + i, use_tqdm=False) for i in range(args.b1_prompts)]
-                        if batch == 1 else
-                        [run_throughput(llm, "grounded", batch, args.input_len, args.output_len, ignore_eos=False,
-                                        seed=rnd, use_tqdm=False)])
-                tokens = sum(r["total_output_tokens"] for r in runs)
-                seconds = sum(r["elapsed_s"] for r in runs)
-                drafts = sum(r.get("spec_num_draft_tokens", 0) for r in runs)
-                accepted = sum(r.get("spec_num_accepted_tokens", 0) for r in runs)
-                row = {"kind": "spec_decode", "round": rnd, "batch": batch, "config": name,
-                       "output_tokens": tokens, "elapsed_s": round(seconds, 3),
-                       "output_tokens_per_s": round(tokens / seconds, 2),
-                       "acceptance_rate": round(accepted / drafts, 4) if drafts else None,
-                       "acceptance_per_pos": runs[-1].get("spec_acceptance_per_pos"),
-                       "switch_estimates_s_per_token": {str(b): v for b, v in
-                                                        llm.llm_engine.controller.estimates().items()}
-                       if configs[name] else None}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        for workload in args.workloads.split(","):
+            for batch in (1, args.batch):
+                order = list(configs) if rnd % 2 == 0 else list(configs)[::-1]
+                for name in order:
+                    row = _run(llms[name], configs[name] is not None, workload, batch, rnd, args)
+                    rows.append({"kind": "spec_decode", "round": rnd, "workload": workload, "batch": batch,
+                                 "config": name, **row})
+                    print(json.dumps(rows[-1]), flush=True)
     summary = {"kind": "spec_decode_summary", "machine": cpu_name(), "cpu_flags": cpu_flags_line(),
-               "date": time.strftime("%Y-%m-%d"), "dtype": runs[0]["dtype"], "quantization": args.quantization,
+               "date": time.strftime("%Y-%m-%d"), "dtype": str(llms["none"].llm_engine.dtype).removeprefix("torch."),
+               "quantization": args.quantization, "commit": _commit(),
                "k": args.k, "input_len": args.input_len, "output_len": args.output_len, "ratios_vs_none": {}}
     for r in rows:
         if r["config"] != "none":
             base = next(b for b in rows if b["config"] == "none" and b["round"] == r["round"]
-                        and b["batch"] == r["batch"])
-            key = f"{r['config']}@B{r['batch']}"
+                        and b["batch"] == r["batch"] and b["workload"] == r["workload"])
+            key = f"{r['workload']}:{r['config']}@B{r['batch']}"
             summary["ratios_vs_none"].setdefault(key, []).append(
                 round(r["output_tokens_per_s"] / base["output_tokens_per_s"], 3))
     print(json.dumps(summary))
@@ -82,6 +71,31 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({**summary, "rows": rows}, f, indent=1)
             f.write("\n")
+
+
+def _commit() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def _run(llm: LLM, speculative: bool, workload: str, batch: int, rnd: int, args) -> dict:
+    """Batch 1: b1_prompts requests one after the other; else one batch. Greedy; grounded stops
+    at EOS, random asks for exactly output_len tokens."""
+    grounded = workload == "grounded"
+    kw = dict(ignore_eos=not grounded, use_tqdm=False)
+    runs = ([run_throughput(llm, workload, 1, args.input_len, args.output_len, seed=100 * rnd + i, **kw)
+             for i in range(args.b1_prompts)] if batch == 1 else
+            [run_throughput(llm, workload, batch, args.input_len, args.output_len, seed=rnd, **kw)])
+    tokens = sum(r["total_output_tokens"] for r in runs)
+    seconds = sum(r["elapsed_s"] for r in runs)
+    drafts = sum(r.get("spec_num_draft_tokens", 0) for r in runs)
+    accepted = sum(r.get("spec_num_accepted_tokens", 0) for r in runs)
+    return {"output_tokens": tokens, "elapsed_s": round(seconds, 3), "output_tokens_per_s": round(tokens / seconds, 2),
+            "acceptance_rate": round(accepted / drafts, 4) if drafts else None,
+            "acceptance_per_pos": runs[-1].get("spec_acceptance_per_pos"),
+            "switch_estimates_s_per_token": {str(b): v for b, v in llm.llm_engine.controller.estimates().items()}
+            if speculative else None}
 
 
 if __name__ == "__main__":
