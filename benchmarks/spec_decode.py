@@ -32,9 +32,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default="auto")
-    ap.add_argument("--workloads", default="grounded,random",
-                    help="grounded (outputs copy the prompt), random (random tokens in and out: proposals are "
-                         "rarely found or right, the case the cost-aware switch is for)")
+    ap.add_argument("--workloads", default="grounded,random,sampled",
+                    help="grounded (outputs copy the prompt); random (random prompt tokens, greedy: this model "
+                         "then falls into repeating itself, which proposals predict); sampled (random prompts, "
+                         "temperature 1: proposals are rarely found or right, the case the cost-aware switch is for)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -80,10 +81,11 @@ def _commit() -> str:
 
 
 def _run(llm: LLM, speculative: bool, workload: str, batch: int, rnd: int, args) -> dict:
-    """Batch 1: b1_prompts requests one after the other; else one batch. Greedy; grounded stops
-    at EOS, random asks for exactly output_len tokens."""
+    """Batch 1: b1_prompts requests one after the other; else one batch. grounded stops at EOS,
+    the others ask for exactly output_len tokens."""
     grounded = workload == "grounded"
-    kw = dict(ignore_eos=not grounded, use_tqdm=False)
+    kw = dict(ignore_eos=not grounded, use_tqdm=False, temperature=1.0 if workload == "sampled" else 0.0)
+    workload = "random" if workload == "sampled" else workload
     runs = ([run_throughput(llm, workload, 1, args.input_len, args.output_len, seed=100 * rnd + i, **kw)
              for i in range(args.b1_prompts)] if batch == 1 else
             [run_throughput(llm, workload, batch, args.input_len, args.output_len, seed=rnd, **kw)])

@@ -24,7 +24,8 @@ WORKLOADS = {
 
 
 def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, output_len: int,
-                   ignore_eos: bool = True, seed: int = 0, use_tqdm: bool = True) -> dict:
+                   ignore_eos: bool = True, seed: int = 0, use_tqdm: bool = True, temperature: float = 0.0) -> dict:
+    """Greedy by default; with a temperature, each request is seeded (seed + its index)."""
     engine = llm.llm_engine
     tok = engine.tokenizer
     special = set(tok.all_special_ids) | set(engine.eos_token_ids)
@@ -34,7 +35,8 @@ def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, out
         requests = make_dataset(dataset, num_prompts, input_len, output_len, engine.vocab_size, special,
                                 engine.max_model_len, seed)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=ignore_eos) for r in requests]
+    params = [SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=ignore_eos,
+                             seed=seed + i if temperature else None) for i, r in enumerate(requests)]
     # Warm up allocator and kernels with one tiny request so the clock measures steady work.
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
     engine.reset_stats()
