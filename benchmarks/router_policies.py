@@ -14,40 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx2 as httpx
-
+from thrifty.bench.processes import free_port, start_thrifty
 from thrifty.cpuinfo import cpu_flags_line, cpu_name
 
 CLI = [sys.executable, "-m", "thrifty.entrypoints.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], url: str, timeout: float = 180) -> subprocess.Popen:
-    proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{args[0]} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"{args[0]} did not become healthy")
 
 
 def _commit() -> str:
@@ -72,8 +48,9 @@ def main() -> None:
     args = ap.parse_args()
 
     urls = [f"http://127.0.0.1:{free_port()}" for _ in range(args.replicas)]
-    replicas = [start(["serve", "--port", url.rsplit(":", 1)[1], "--disable-uvicorn-access-log",
-                       "--log-level", "warning", *args.server_args.split()], url) for url in urls]
+    replicas = [start_thrifty(["serve", "--port", url.rsplit(":", 1)[1], "--disable-uvicorn-access-log",
+                               "--log-level", "warning", *args.server_args.split()], url, 180,
+                              stdout=subprocess.DEVNULL) for url in urls]
     policies = args.policies.split(",")
     rows = []
     try:
@@ -81,8 +58,9 @@ def main() -> None:
             for rnd in range(args.rounds):
                 for i, policy in enumerate(policies if rnd % 2 == 0 else policies[::-1]):
                     url = f"http://127.0.0.1:{free_port()}"
-                    router = start(["router", "--port", url.rsplit(":", 1)[1], "--policy", policy, "--log-level",
-                                    "warning", *[a for u in urls for a in ("--backend", u)]], url, timeout=30)
+                    router = start_thrifty(["router", "--port", url.rsplit(":", 1)[1], "--policy", policy,
+                                            "--log-level", "warning", *[a for u in urls for a in ("--backend", u)]],
+                                           url, 30, stdout=subprocess.DEVNULL)
                     try:
                         out = Path(tmp) / f"{rnd}-{policy}.json"
                         subprocess.run(CLI + [

@@ -14,34 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from thrifty.bench.processes import free_port, start_thrifty
 
 THRIFTY = [sys.executable, "-m", "thrifty.entrypoints.cli"]
 PRICE = "1.0"  # USD per hour; $/1M tokens scale linearly with the real price
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def with_server(server_args: list[str], bench_args: list[str]) -> None:
-    port = _free_port()
-    proc = subprocess.Popen([*THRIFTY, "serve", "--port", str(port), "--disable-uvicorn-access-log", "--log-level",
-                             "warning", "--price-per-hour", PRICE, *server_args])
+    port = free_port()
+    proc = start_thrifty(["serve", "--port", str(port), "--disable-uvicorn-access-log", "--log-level", "warning",
+                          "--price-per-hour", PRICE, *server_args], f"http://127.0.0.1:{port}", 120, stdout=None)
     try:
-        for _ in range(240):
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
         subprocess.run([*THRIFTY, "bench", *bench_args, "--base-url", f"http://127.0.0.1:{port}",
                         "--price-per-hour", PRICE, "--no-progress"], check=True)
     finally:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 
-import httpx2 as httpx
 import pytest
 import torch
+
+from thrifty.bench.processes import free_port, start_thrifty
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -82,29 +80,8 @@ def hf_greedy(llm, hf_model):
     return refs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_process(args: list[str], url: str, timeout: float, any_answer: bool = False) -> subprocess.Popen:
-    """Starts `python -m thrifty.entrypoints.cli ARGS` and waits until `url`/health answers 200
-    (or, with any_answer, answers at all)."""
-    proc = subprocess.Popen([sys.executable, "-m", "thrifty.entrypoints.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{args[0]} exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200 or any_answer:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{args[0]} did not become healthy")
+# The process helpers live in the package, where the benchmarks use them too.
+start_process = start_thrifty
 
 
 class Server:

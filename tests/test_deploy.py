@@ -19,7 +19,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 import yaml
-from conftest import Server
+from conftest import Server, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -361,12 +360,6 @@ RATE_INTERVAL = f"{int(max(SCRAPE_S + SCRAPE_S, 4 * SCRAPE_S))}s"  # Grafana's $
 KEY_NAME, KEY = "team-a", "sk-team-a"
 BURST = 8  # concurrent completions against --max-num-seqs 1: seven of them queue
 MAX_TOKENS = 128  # with BURST, long enough for several scrapes to see the queue on a fast CPU
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:

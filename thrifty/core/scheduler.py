@@ -214,11 +214,10 @@ class Scheduler:
             new_blocks = self.kv.allocate_slots(request, behind + len(drafts)) if drafts else None
             if new_blocks is None:
                 drafts = []
-                num_new = min(behind, budget)
-                new_blocks = self._allocate_or_preempt(request, num_new, out)
+                new_blocks = self._allocate_or_preempt(request, min(behind, budget), out)
                 if new_blocks is None:
                     break  # the request itself was preempted
-            num_new = behind + len(drafts) if drafts else min(behind, budget)
+            num_new = min(behind, budget) + len(drafts)
             self._schedule(out, request, num_new, new_blocks, drafts)
             budget -= num_new
             i += 1

@@ -311,13 +311,13 @@ class LLMEngine:
         metrics.first_token_time = metrics.first_token_time or now
         metrics.last_token_time = now
         for i, token in enumerate(tokens):
+            last = i == len(tokens) - 1  # the scheduler's stop rules end a request at its last kept token
             seq.cumulative_logprob += token.logprob
             if seq.logprobs is not None:
                 seq.logprobs.append(_logprob_entry(seq.detok.decode_token, token.token_id, token.logprob,
                                                    token.top_logprobs))
-            # A stop token (EOS or stop_token_ids), always the last kept, ends the text without
-            # adding its own.
-            stopped_by_token = i == len(tokens) - 1 and req.status == RequestStatus.FINISHED_STOPPED
+            # A stop token (EOS or stop_token_ids) ends the text without adding its own.
+            stopped_by_token = last and req.status == RequestStatus.FINISHED_STOPPED
             stop = None
             if not stopped_by_token or req.sampling_params.include_stop_str_in_output:
                 stop = seq.detok.add_token(token.token_id)
@@ -325,12 +325,12 @@ class LLMEngine:
                 req.stop_reason = stop
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
                 del req.output_token_ids[first + i + 1:]  # tokens verified past the stop string
-                tokens = tokens[:i + 1]
-            if i == len(tokens) - 1:  # the scheduler's stop rules end a request at its last kept token
+                last = True
+            if last:
                 if req.is_finished:
                     self._finished(state, req, now)
                 return i + 1
-        return len(tokens)
+        return 0  # no token
 
     def _finished(self, state: _RequestState, req: Request, now: float) -> None:
         self._forget(req.request_id)

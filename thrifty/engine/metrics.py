@@ -37,62 +37,57 @@ class _EngineStateCollector:
     def collect(self):
         llm = self.llm
         stats = llm.engine.make_stats()
-        for name, doc, value in (
-            ("vllm:num_requests_running", "Number of requests in model execution batches.", llm.num_running),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", llm.num_waiting),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", stats.kv_cache_usage),
-        ):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric([self.model_name], value)
-            yield g
-        for name, doc, value in (
-            ("vllm:num_preemptions", "Cumulative number of preemptions from the engine.", stats.num_preemptions),
-            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
-             stats.prefix_cache_queries),
-            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+        rows = [
+            (GaugeMetricFamily, "vllm:num_requests_running", "Number of requests in model execution batches.",
+             llm.num_running),
+            (GaugeMetricFamily, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+             llm.num_waiting),
+            (GaugeMetricFamily, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+             stats.kv_cache_usage),
+            (CounterMetricFamily, "vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
+             stats.num_preemptions),
+            (CounterMetricFamily, "vllm:prefix_cache_queries",
+             "Prefix cache queries, in terms of number of queried tokens.", stats.prefix_cache_queries),
+            (CounterMetricFamily, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
              stats.prefix_cache_hits),
-        ):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric([self.model_name], value)
-            yield c
-        yield from self._cost(time.monotonic())
-        if self.llm.engine.spec is not None:
-            yield from self._spec()
+            *self._cost(time.monotonic()),
+        ]
+        if llm.engine.spec is not None:
+            rows += self._spec()
+            yield self._accepted_per_pos()
+        for family, name, doc, value in rows:
+            m = family(name, doc, labels=["model_name"])
+            m.add_metric([self.model_name], value)
+            yield m
 
-    def _spec(self):
-        """vLLM's speculative-decoding counters, and thrifty's switch state and savings."""
-        engine = self.llm.engine
-        spec, controller = engine.scheduler.spec_stats, engine.controller
-        for name, doc, value in (
-            ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts),
-            ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", spec.num_draft_tokens),
-            ("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.", spec.num_accepted_tokens),
-        ):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric([self.model_name], value)
-            yield c
+    def _spec(self) -> list[tuple]:
+        """vLLM's speculative-decoding counters, and thrifty's switch state and savings (gauges: an
+        estimate, revised as the measurements are, so it may go down)."""
+        spec, controller = self.llm.engine.scheduler.spec_stats, self.llm.engine.controller
+        return [
+            (CounterMetricFamily, "vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts),
+            (CounterMetricFamily, "vllm:spec_decode_num_draft_tokens", "Number of draft tokens.",
+             spec.num_draft_tokens),
+            (CounterMetricFamily, "vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+             spec.num_accepted_tokens),
+            (GaugeMetricFamily, "thrifty:spec_decode_enabled", "1 while the cost-aware switch has speculation on, "
+             "else 0.", 1.0 if controller.enabled else 0.0),
+            (GaugeMetricFamily, "thrifty:spec_decode_saved_seconds", "Engine time speculation saved so far, from the "
+             "switch's measured seconds per token with and without.", controller.saved_seconds),
+            (GaugeMetricFamily, "thrifty:spec_decode_saved_usd", "thrifty:spec_decode_saved_seconds x price.",
+             controller.saved_seconds * self.llm.cost.price_per_s),
+        ]
+
+    def _accepted_per_pos(self) -> CounterMetricFamily:
         per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
                                       "Accepted tokens per draft position.", labels=["model_name", "position"])
-        for position, value in enumerate(spec.accepted_per_pos):
+        for position, value in enumerate(self.llm.engine.scheduler.spec_stats.accepted_per_pos):
             per_pos.add_metric([self.model_name, str(position)], value)
-        yield per_pos
-        # Gauges: an estimate, revised as the measurements are, so it may go down.
-        for name, doc, value in (
-            ("thrifty:spec_decode_enabled", "1 while the cost-aware switch has speculation on, else 0.",
-             1.0 if controller.enabled else 0.0),
-            ("thrifty:spec_decode_saved_seconds",
-             "Engine time speculation saved so far, from the switch's measured seconds per token with and without.",
-             controller.saved_seconds),
-            ("thrifty:spec_decode_saved_usd", "thrifty:spec_decode_saved_seconds x price.",
-             controller.saved_seconds * self.llm.cost.price_per_s),
-        ):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric([self.model_name], value)
-            yield g
+        return per_pos
 
-    def _cost(self, now: float):
+    def _cost(self, now: float) -> list[tuple]:
         cost = self.llm.cost
-        for family, name, doc, value in (
+        return [
             (CounterMetricFamily, "thrifty:cost_usd", "Busy time x price, charged to the requests that ran.",
              cost.busy_cost_usd),
             (CounterMetricFamily, "thrifty:unbilled_cost_usd",
@@ -110,10 +105,7 @@ class _EngineStateCollector:
              f"Fraction of the last {cost.window_s:g} s the engine had requests to run.", cost.busy_ratio(now)),
             (GaugeMetricFamily, "thrifty:price_per_hour_usd", "The price per hour costs are computed with.",
              cost.price_per_hour),
-        ):
-            m = family(name, doc, labels=["model_name"])
-            m.add_metric([self.model_name], value)
-            yield m
+        ]
 
 
 class EngineMetrics:

@@ -40,7 +40,7 @@ def verify(logits: torch.Tensor, inputs: list[SamplingInput], drafts: list[list[
         inp = inputs[row]
         if inp.params.greedy:
             targets = processed[rows].argmax(dim=-1).tolist()
-            n = next((i for i, t in enumerate(d) if t != targets[i]), len(d))
+            n = num_accepted_greedy(d, targets)
             tokens = d[:n] + [targets[n]]
         else:
             tokens = _verify_random(random_probs(processed[rows], inputs[rows]), d, inp.generator or default)
@@ -50,6 +50,12 @@ def verify(logits: torch.Tensor, inputs: list[SamplingInput], drafts: list[list[
                                      top_logprobs(mine, inputs[row: row + len(tokens)])))
         row += len(d) + 1
     return results
+
+
+def num_accepted_greedy(drafts: list[int], targets: list[int]) -> int:
+    """How many proposals a greedy request keeps: while each is its row's argmax (`targets`,
+    one per proposal and one more); it then emits targets[n]."""
+    return next((i for i, t in enumerate(drafts) if t != targets[i]), len(drafts))
 
 
 def _verify_random(probs: torch.Tensor, drafts: list[int], gen: torch.Generator) -> list[int]:

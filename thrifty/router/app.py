@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -117,8 +118,6 @@ class Router:
             self.policy.forget(url)
 
     def _mtime(self) -> float | None:
-        import os
-
         try:
             return os.stat(self.config_path).st_mtime if self.config_path else None
         except OSError:
@@ -205,7 +204,7 @@ class Router:
             raise self._no_backend(model)
         stream = bool(body.get("stream"))
         sent = await self.send(path, _with_usage(body) if stream else body, headers, candidates, key, stream)
-        return self._respond(sent, NO_TIER, body, 0.0, strip_logprobs=False)
+        return self._respond(sent, NO_TIER, body, 0.0)
 
     def _no_backend(self, model: str | None) -> APIError:
         """404 for a model no backend has ever listed (when all list theirs), else 503."""
@@ -241,9 +240,9 @@ class Router:
                 self._escalated(tier, tiers[i + 1], "unavailable", str(e))
                 continue
             if sent.status != 200 and (last or 400 <= sent.status < 500):
-                return self._respond(sent, tier.name, body, cost, strip_logprobs=False)  # the client's error
+                return self._respond(sent, tier.name, body, cost)  # the client's error
             if last:
-                return self._respond(sent, tier.name, body, cost, strip_logprobs=False, tried=tried)
+                return self._respond(sent, tier.name, body, cost, tried)
             if sent.status != 200:
                 sent.backend.finished(sent.ticket)
                 self._count(sent, tier.name, 0.0)
@@ -299,8 +298,7 @@ class Router:
         chunks = [c for c in (_rewrite(e, tier, keep_usage, strip_logprobs, cost_before) for e in events) if c]
         return StreamingResponse(_sse(chunks), media_type="text/event-stream", headers=headers)
 
-    def _respond(self, sent: Sent, tier: str, body: dict, cost_before: float, strip_logprobs: bool,
-                 tried: list[str] = ()) -> Response:
+    def _respond(self, sent: Sent, tier: str, body: dict, cost_before: float, tried: list[str] = ()) -> Response:
         """A backend's answer relayed as it comes (streams), or whole."""
         headers = _tier_headers(sent, tier, tried)
         if sent.lines is None:
@@ -311,7 +309,7 @@ class Router:
                     cost = _usage_cost(json.loads(sent.body).get("usage"))
             self._count(sent, tier, cost)
             if sent.status == 200 and (tier or cost_before):
-                data = _rewrite(json.loads(sent.body), tier, True, strip_logprobs, cost_before)
+                data = _rewrite(json.loads(sent.body), tier, True, False, cost_before)
                 return JSONResponse(data, headers=headers)
             return Response(sent.body, status_code=sent.status, media_type="application/json", headers=headers)
         return StreamingResponse(self._relay(sent, tier, body, cost_before), media_type="text/event-stream",

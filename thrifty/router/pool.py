@@ -32,8 +32,6 @@ class Backend:
     in_flight: int = 0  # the router's own requests there now
     sent_since_scrape: int = 0  # of those, the ones sent after the last scrape
     scrape_epoch: int = 0
-    prefix_cache_hits: float = 0.0  # scraped counters, for the router's view of cache reuse
-    prefix_cache_queries: float = 0.0
 
     @property
     def load(self) -> float:
@@ -54,8 +52,7 @@ class Backend:
 
 
 def _scraped(text: str) -> dict[str, float]:
-    wanted = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:prefix_cache_hits_total",
-              "vllm:prefix_cache_queries_total"}
+    wanted = {"vllm:num_requests_running", "vllm:num_requests_waiting"}
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -145,8 +142,6 @@ class BackendPool:
         if "vllm:num_requests_running" in values:
             b.running = values["vllm:num_requests_running"]
             b.waiting = values.get("vllm:num_requests_waiting", 0.0)
-            b.prefix_cache_hits = values.get("vllm:prefix_cache_hits_total", 0.0)
-            b.prefix_cache_queries = values.get("vllm:prefix_cache_queries_total", 0.0)
             b.scrape_epoch += 1
             b.sent_since_scrape = 0
         if not b.healthy:

@@ -18,7 +18,7 @@ import torch
 from thrifty.core.kv_cache_manager import cdiv
 from thrifty.core.scheduler import SchedulerOutput
 from thrifty.layers.attention import AttentionMetadata, kv_cache_element_dtype, kv_cache_shapes
-from thrifty.layers.rejection_sampler import verify
+from thrifty.layers.rejection_sampler import num_accepted_greedy, verify
 from thrifty.layers.sampler import Sampler, SamplerOutput, SamplingInput, greedy_output, only_argmax
 from thrifty.model.llama import LlamaForCausalLM
 from thrifty.sampling_params import SamplingParams
@@ -367,7 +367,7 @@ def _accept_argmax(token_ids: list[int], logprobs: list[float], inputs: list[Sam
     the argmax of its row, then the argmax of the first row it is not (rejection_sampler.py)."""
     results, row = [], 0
     for d in drafts:
-        n = next((i for i, t in enumerate(d) if t != token_ids[row + i]), len(d))
+        n = num_accepted_greedy(d, token_ids[row: row + len(d) + 1])
         results.append(greedy_output(d[:n] + [token_ids[row + n]], logprobs[row: row + n + 1],
                                      inputs[row: row + n + 1]))
         row += len(d) + 1
