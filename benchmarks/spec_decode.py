@@ -1,11 +1,13 @@
 """Speculative decoding against none, on an input-grounded workload, at batch 1 and batch 32.
 
-    python benchmarks/spec_decode.py [--json FILE] [--rounds 2]
+    python benchmarks/spec_decode.py [--json FILE] [--rounds 2] [--configs none,ngram_cost,...]
 
 The workload is `thrifty bench throughput --dataset grounded`: passages of Python's documentation
 (pydoc_data, shipped with CPython) to be copied, greedy, up to --output-len tokens (stopping at
-EOS). Configurations: no speculation, n-gram with the cost-aware switch (thrifty's default) and
-n-gram always on. All engines are loaded first; then, per round, each batch size runs every
+EOS). Configurations (--configs): none; each method with the cost-aware switch (thrifty's
+default; `_cost`) and always on (`_always`): ngram, layer_skip (--skip-layers of the target's
+layers) and draft (a draft model made of --draft-layers of the default model's layers by
+thrifty.model.truncate, the only same-vocabulary draft at hand). All engines are loaded first; then, per round, each batch size runs every
 configuration in turn (the order reversed every other round), so the ratios compare
 measurements taken side by side. Batch 1 is --b1-prompts requests one after the other (each
 alone in the engine). Prints one JSON line per run and a summary of ratios against none.
@@ -36,14 +38,30 @@ def main() -> None:
                     help="grounded (outputs copy the prompt); random (random prompt tokens, greedy: this model "
                          "then falls into repeating itself, which proposals predict); sampled (random prompts, "
                          "temperature 1: proposals are rarely found or right, the case the cost-aware switch is for)")
+    ap.add_argument("--configs", default="none,ngram_cost,ngram_always")
+    ap.add_argument("--skip-layers", type=int, default=20, help="layer_skip's num_layers")
+    ap.add_argument("--draft-layers", type=int, default=12, help="the draft model's layers")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    def ngram(switch: str) -> dict:
-        return {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2,
-                "prompt_lookup_max": 5, "switch": switch}
+    def spec(name: str) -> dict | None:
+        if name == "none":
+            return None
+        method, switch = name.rsplit("_", 1)
+        keys = {"ngram": {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5},
+                "layer_skip": {"method": "layer_skip", "num_layers": args.skip_layers},
+                "draft": {"method": "draft_model", "model": draft_dir}}[method]
+        return {**keys, "num_speculative_tokens": args.k, "switch": switch}
 
-    configs = {"none": None, "ngram_cost": ngram("cost"), "ngram_always": ngram("always")}
+    names = args.configs.split(",")
+    draft_dir = None
+    if any(n.startswith("draft_") for n in names):
+        import tempfile
+
+        from thrifty.model.truncate import truncate_model
+
+        draft_dir = str(truncate_model(None, tempfile.mkdtemp(prefix="thrifty-draft-"), args.draft_layers))
+    configs = {name: spec(name) for name in names}
     llms = {name: LLM(dtype=args.dtype, quantization=args.quantization, max_model_len=2048, kv_cache_memory=1.0,
                       speculative_config=spec) for name, spec in configs.items()}
     rows = []
@@ -59,7 +77,8 @@ def main() -> None:
     summary = {"kind": "spec_decode_summary", "machine": cpu_name(), "cpu_flags": cpu_flags_line(),
                "date": time.strftime("%Y-%m-%d"), "dtype": str(llms["none"].llm_engine.dtype).removeprefix("torch."),
                "quantization": args.quantization, "commit": _commit(),
-               "k": args.k, "input_len": args.input_len, "output_len": args.output_len, "ratios_vs_none": {}}
+               "k": args.k, "skip_layers": args.skip_layers, "draft_layers": args.draft_layers,
+               "input_len": args.input_len, "output_len": args.output_len, "ratios_vs_none": {}}
     for r in rows:
         if r["config"] != "none":
             base = next(b for b in rows if b["config"] == "none" and b["round"] == r["round"]

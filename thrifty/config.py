@@ -22,24 +22,37 @@ GROUP_SIZES = (32, 64, 128)  # int4's inputs per scale: multiples of the kernels
 KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8")
 
 
-# Speculative decoding (thrifty/core/ngram_proposer.py, thrifty/layers/rejection_sampler.py).
-SPEC_METHODS = ("ngram",)
-SPEC_METHODS_PLANNED = ("draft_model", "layer_skip")  # vLLM-style names thrifty does not run yet
+# Speculative decoding (docs/speculative.md): who proposes (thrifty/core/ngram_proposer.py,
+# thrifty/worker/drafter.py), who verifies (thrifty/layers/rejection_sampler.py).
+SPEC_METHODS = ("ngram", "draft_model", "layer_skip")
+_SPEC_METHOD_KEYS = {"ngram": ("prompt_lookup_min", "prompt_lookup_max"), "draft_model": ("model",),
+                     "layer_skip": ("num_layers",)}
 MAX_SPEC_TOKENS = 32  # vLLM's MAX_SPEC_LEN
 SPEC_SWITCHES = ("cost", "always")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's --speculative-config, e.g. {"method": "ngram", "num_speculative_tokens": 4,
-    "prompt_lookup_min": 2, "prompt_lookup_max": 5}. `switch` is thrifty's: "cost" (default)
-    speculates only while the engine's own measurements say it saves time, "always" does
-    whenever there is a proposal."""
+    """vLLM's --speculative-config:
+    - {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    - {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4} (the method may be
+      left out when a model is given, as in vLLM)
+    - {"method": "layer_skip", "num_layers": 20, "num_speculative_tokens": 4}: thrifty's self-draft,
+      num_layers of the target's layers (the middle ones skipped) and its head.
+    `switch` is thrifty's: "cost" (default) speculates only while the engine's own measurements
+    say it saves time, "always" does whenever there is a proposal. Whether the draft model or
+    num_layers fit the target is checked when the engine loads it."""
 
     method: str
     num_speculative_tokens: int
-    prompt_lookup_min: int
-    prompt_lookup_max: int
+    prompt_lookup_min: int = 0  # ngram
+    prompt_lookup_max: int = 0
+    model: str | None = None  # draft_model
+    num_layers: int | None = None  # layer_skip
     switch: str = "cost"
 
     @classmethod
@@ -55,26 +68,53 @@ class SpeculativeConfig:
         unknown = set(value) - known
         if unknown:
             raise ValueError(f"speculative_config: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
-        method = value.get("method")
-        if method in SPEC_METHODS_PLANNED:
-            raise ValueError(f"speculative_config: method {method!r} is not available in thrifty yet; "
-                             f"available: {', '.join(SPEC_METHODS)}")
+        method = value.get("method", "draft_model" if "model" in value else None)
         if method not in SPEC_METHODS:
             raise ValueError(f"speculative_config: unknown method {method!r}; available: {', '.join(SPEC_METHODS)}")
+        for other, keys in _SPEC_METHOD_KEYS.items():
+            stray = [key for key in keys if key in value and other != method]
+            if stray:
+                raise ValueError(f"speculative_config: {stray[0]!r} is for method {other!r}, not {method!r}")
         k = value.get("num_speculative_tokens")
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPEC_TOKENS:
+        if not _is_int(k) or not 1 <= k <= MAX_SPEC_TOKENS:
             raise ValueError(f"speculative_config: num_speculative_tokens must be an integer in "
                              f"[1, {MAX_SPEC_TOKENS}], got {k!r}")
-        # vLLM's rule: neither given -> both 5; one given -> the other copies it.
-        lo, hi = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
-        lo, hi = (5, 5) if lo is None and hi is None else (lo if lo is not None else hi, hi if hi is not None else lo)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not 1 <= lo <= hi:
-            raise ValueError(f"speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo!r} "
-                             f"and {hi!r}")
         switch = value.get("switch", "cost")
         if switch not in SPEC_SWITCHES:
             raise ValueError(f"speculative_config: switch must be one of {SPEC_SWITCHES}, got {switch!r}")
-        return cls(method, k, lo, hi, switch)
+        if method == "draft_model":
+            model = value.get("model")
+            if not isinstance(model, str) or not model:
+                raise ValueError("speculative_config: method 'draft_model' needs \"model\": the draft's path")
+            return cls(method, k, model=model, switch=switch)
+        if method == "layer_skip":
+            n = value.get("num_layers")
+            if not _is_int(n) or n < 1:
+                raise ValueError(f"speculative_config: method 'layer_skip' needs \"num_layers\", an integer >= 1 "
+                                 f"(how many of the target's layers draft), got {n!r}")
+            return cls(method, k, num_layers=n, switch=switch)
+        # vLLM's rule: neither given -> both 5; one given -> the other copies it.
+        lo, hi = value.get("prompt_lookup_min"), value.get("prompt_lookup_max")
+        lo, hi = (5, 5) if lo is None and hi is None else (lo if lo is not None else hi, hi if hi is not None else lo)
+        if not all(_is_int(v) for v in (lo, hi)) or not 1 <= lo <= hi:
+            raise ValueError(f"speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got {lo!r} "
+                             f"and {hi!r}")
+        return cls(method, k, lo, hi, switch=switch)
+
+    def draft_layers(self, num_target_layers: int) -> list[int]:
+        """layer_skip's layers (see skip_middle_layers)."""
+        if not self.num_layers < num_target_layers:
+            raise ValueError(f"speculative_config: num_layers ({self.num_layers}) must be fewer than the target's "
+                             f"{num_target_layers} layers")
+        return skip_middle_layers(self.num_layers, num_target_layers)
+
+
+def skip_middle_layers(num_kept: int, num_layers: int) -> list[int]:
+    """The first and the last of a model's layers, the middle skipped: a draft made of its own
+    layers. An untrained model's last layers are what map its state to the vocabulary, so
+    dropping middle ones keeps far more proposals right than stopping early (docs/speculative.md)."""
+    head = (num_kept + 1) // 2
+    return list(range(head)) + list(range(num_layers - (num_kept - head), num_layers))
 
 
 @cache

@@ -137,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> LlamaModel::forward(const at::Ten
                                                                    const at::Tensor& query_start_loc,
                                                                    const at::Tensor& seq_lens,
                                                                    const at::Tensor& block_table,
-                                                                   const at::Tensor& logits_indices, bool greedy) {
+                                                                   const at::Tensor& logits_indices, bool greedy,
+                                                                   const std::vector<int64_t>& layers) {
   const double start = profiling_ ? now_seconds() : 0.0;
   TORCH_CHECK(!layers_.empty() && head_.data.defined() && cos_.defined() && !k_caches_.empty(),
               "the model is not complete: add its layers, head, rope tables and KV caches first");
@@ -146,6 +147,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> LlamaModel::forward(const at::Ten
   TORCH_CHECK(logits_indices.scalar_type() == at::kLong && logits_indices.dim() == 1 &&
                   logits_indices.is_contiguous(),
               "logits_indices: expected a contiguous int64 vector");
+  std::vector<int64_t> L = layers;
+  if (L.empty()) {
+    for (size_t l = 0; l < layers_.size(); ++l) L.push_back(int64_t(l));
+  }
+  for (int64_t l : L) TORCH_CHECK(l >= 0 && l < int64_t(layers_.size()), "layer index ", l, " out of range");
   const int64_t T = input_ids.numel();
   SeqBatch batch = make_seq_batch(query_start_loc, seq_lens, block_table, shape_.block_size, num_blocks_);
   TORCH_CHECK(batch.num_tokens == T, "query_start_loc covers ", batch.num_tokens, " tokens, input_ids has ", T);
@@ -169,19 +175,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> LlamaModel::forward(const at::Ten
   const RopeArgs rope{positions.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), cos_.data_ptr<float>(),
                       sin_.data_ptr<float>(), eps_};
   if (dtype_ == at::kBFloat16) {
-    run<bf16>(ids, T, batch, plan, rope, rows, S, partials.data_ptr<float>(), logits.data_ptr<float>(), pick);
+    run<bf16>(ids, T, L, batch, plan, rope, rows, S, partials.data_ptr<float>(), logits.data_ptr<float>(), pick);
   } else {
     TORCH_CHECK(dtype_ == at::kFloat, "the native model runs fp32 or bf16 weights");
-    run<float>(ids, T, batch, plan, rope, rows, S, partials.data_ptr<float>(), logits.data_ptr<float>(), pick);
+    run<float>(ids, T, L, batch, plan, rope, rows, S, partials.data_ptr<float>(), logits.data_ptr<float>(), pick);
   }
   if (profiling_) profile_seconds_[int(Phase::kForward)] += now_seconds() - start;
   return {logits, token_ids, logprobs};
 }
 
 template <typename T>
-void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& batch, const AttentionPlan& plan,
-                     const RopeArgs& rope, const int64_t* logit_rows, int64_t num_logits, float* partials,
-                     float* logits, Greedy& greedy) {
+void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const std::vector<int64_t>& layers, const SeqBatch& batch,
+                     const AttentionPlan& plan, const RopeArgs& rope, const int64_t* logit_rows,
+                     int64_t num_logits, float* partials, float* logits, Greedy& greedy) {
   const at::ScalarType dt = dtype_;
   const int64_t H = hidden_, I = intermediate_, D = shape_.head_dim;
   const int64_t q_size = shape_.num_heads * D, qkv_size = q_size + 2 * shape_.num_kv_heads * D;
@@ -199,7 +205,7 @@ void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& bat
   const T* embedding = embedding_.defined() ? ptr(embedding_) : nullptr;
   // Work-shared loops per thread: per layer norm, qkv, rope, attention (2), o, norm, gate/up,
   // down; then the embedding, the final norm, the head and the greedy pick (2).
-  const int num_loops = int(layers_.size()) * 9 + 5;
+  const int num_loops = int(layers.size()) * 9 + 5;
 
   run_parallel(num_loops, [&](Team& team) {
     // Thread 0 times each kernel from the barrier before it to the barrier after it.
@@ -221,11 +227,12 @@ void LlamaModel::run(const int64_t* ids, int64_t num_tokens, const SeqBatch& bat
       gather_rows(team, head_, ids, n, x);
     }
     sync(Phase::kEmbed);
-    for (size_t l = 0; l < layers_.size(); ++l) {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const int64_t l = layers[i];
       const Layer& L = layers_[l];
       void* k_cache = k_caches_[l].data_ptr();  // T, or bytes of a quantized cache
       void* v_cache = v_caches_[l].data_ptr();
-      add_rms_norm(team, x, l == 0 ? nullptr : delta, ptr(L.input_norm), eps_, n, H, h);
+      add_rms_norm(team, x, i == 0 ? nullptr : delta, ptr(L.input_norm), eps_, n, H, h);
       sync(Phase::kNorm);
       linear(team, h, n, H, L.qkv, qkv, qkv_size);
       sync(Phase::kQKVProj);

@@ -32,11 +32,13 @@ class LlamaModel : public torch::CustomClassHolder {
   // Writes the step's K/V into the caches and returns the fp32 logits [len(logits_indices), vocab]
   // of the given token rows and, with `greedy`, each row's argmax and its log-softmax (else two
   // empty tensors): the sampler's greedy pass, without a second call. All three live in buffers
-  // the next call reuses.
+  // the next call reuses. A non-empty `layers` runs only those layers, in that order, before the
+  // final norm and the head (the self-draft of speculative decoding); empty runs them all.
   std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input_ids,
                                                          const at::Tensor& query_start_loc,
                                                          const at::Tensor& seq_lens, const at::Tensor& block_table,
-                                                         const at::Tensor& logits_indices, bool greedy);
+                                                         const at::Tensor& logits_indices, bool greedy,
+                                                         const std::vector<int64_t>& layers);
 
   // Wall time per kind of kernel, summed over forward calls while profiling is on (thread 0's
   // clock from one barrier to the next, so a kernel's time includes waiting for its slowest
@@ -66,9 +68,9 @@ class LlamaModel : public torch::CustomClassHolder {
   at::Tensor buffer(size_t index, int64_t rows, int64_t cols, at::ScalarType dtype);
 
   template <typename T>
-  void run(const int64_t* ids, int64_t num_tokens, const SeqBatch& batch, const AttentionPlan& plan,
-           const RopeArgs& rope, const int64_t* logit_rows, int64_t num_logits, float* partials, float* logits,
-           Greedy& greedy);
+  void run(const int64_t* ids, int64_t num_tokens, const std::vector<int64_t>& layers, const SeqBatch& batch,
+           const AttentionPlan& plan, const RopeArgs& rope, const int64_t* logit_rows, int64_t num_logits,
+           float* partials, float* logits, Greedy& greedy);
 
   int64_t hidden_, intermediate_, vocab_;
   float eps_;

@@ -27,6 +27,10 @@ class RequestStatus(enum.IntEnum):
         return _FINISH_REASONS.get(self)
 
 
+# A proposal the model runner's drafter makes within the step that verifies it (draft_model,
+# layer_skip): the scheduler reserves its slot and budget like any other proposal's.
+DRAFT_PENDING = -1
+
 _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",

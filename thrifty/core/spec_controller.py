@@ -6,9 +6,11 @@ costs about what a 1-token step does (the weights are read once either way), at 
 cost several times more. Rather than model that, the switch measures it: for each batch-size
 bucket (powers of two) it keeps the seconds per generated token of decode steps with proposals
 and of steps without (exponential moving averages), uses the cheaper one, and now and then runs
-the other so that both estimates follow the workload (a share of `explore_every` steps, the
-bound on what a wrong choice costs). Steps that prefill are not measured: their time says
-nothing about decoding.
+the other so that both estimates follow the workload. It explores the less often the more the
+other mode costs: a share of steps `explore_cost / gap` (gap: how much slower per token the
+other mode measured), between `min_explore` and `max_explore`, so exploring never costs much
+more than `explore_cost` of the time however bad the other mode is. Steps that prefill are not
+measured: their time says nothing about decoding.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ class _Arm:
 @dataclass
 class SpecController:
     always: bool = False  # the "always" switch: no measuring, speculate whenever there is a proposal
-    explore_every: int = 16
+    explore_cost: float = 0.01  # the share of time exploring the costlier mode may cost
+    min_explore: float = 1 / 256  # shares of steps that run the costlier mode
+    max_explore: float = 1 / 16
     ema_weight: float = 0.2
     _arms: dict[tuple[int, bool], _Arm] = field(default_factory=dict)
-    _steps: dict[int, int] = field(default_factory=dict)
+    _credit: dict[int, float] = field(default_factory=dict)  # per bucket: exploring owed, in steps
     saved_seconds: float = 0.0  # estimated time speculation saved so far (can go negative)
     enabled: bool = True  # the last decision
 
@@ -52,10 +56,14 @@ class SpecController:
         if on.samples < MIN_SAMPLES or off.samples < MIN_SAMPLES:
             choice = on.samples <= off.samples  # measure both first, proposals first
         else:
-            n = self._steps[b] = self._steps.get(b, 0) + 1
+            cheap, dear = sorted((on.seconds_per_token, off.seconds_per_token))
+            gap = dear / cheap - 1 if cheap > 0 else 1.0
+            share = min(self.max_explore, max(self.min_explore, self.explore_cost / gap if gap > 0 else 1.0))
+            credit = self._credit.get(b, 0.0) + share
             choice = on.seconds_per_token <= off.seconds_per_token
-            if n % self.explore_every == 0:
-                choice = not choice
+            if credit >= 1.0:
+                choice, credit = not choice, credit - 1.0
+            self._credit[b] = credit
         self.enabled = choice
         return choice
 

@@ -11,19 +11,17 @@ import torch
 from thrifty.config import EngineConfig
 from thrifty.core.kv_cache_manager import KVCacheManager
 from thrifty.core.ngram_proposer import NgramProposer
-from thrifty.core.request import Request, RequestStatus
+from thrifty.core.request import DRAFT_PENDING, Request, RequestStatus
 from thrifty.core.scheduler import Scheduler, SchedulerConfig, SchedulerStats, SpecDecodeStats
 from thrifty.core.spec_controller import SpecController
 from thrifty.engine.detokenizer import IncrementalDetokenizer
-from thrifty.model.loader import load_model, load_tokenizer, resolve_model
+from thrifty.model.llama import LlamaForCausalLM
+from thrifty.model.config import ModelArchConfig
+from thrifty.model.loader import load_hf_config, load_model, load_tokenizer, resolve_model
 from thrifty.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from thrifty.sampling_params import SamplingParams
-from thrifty.worker.model_runner import (
-    ModelRunner,
-    SampledToken,
-    kv_budget_bytes,
-    num_kv_blocks,
-)
+from thrifty.worker.model_runner import ModelRunner, SampledToken, kv_budget_bytes, num_kv_blocks
+from thrifty.worker.paged_model import kv_bytes_per_token
 
 PromptType = str | dict | list[int]
 
@@ -112,8 +110,13 @@ class LLMEngine:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's context length "
                              f"({cfg.max_position_embeddings})")
         self.tokenizer = load_tokenizer(self.source)
+        self.spec = config.speculative
+        draft = self._load_draft(model, device) if self.spec is not None and self.spec.method == "draft_model" else None
+        skip = self.spec is not None and self.spec.method == "layer_skip"
+        draft_layers = self.spec.draft_layers(cfg.num_hidden_layers) if skip else None
         budget = kv_budget_bytes(device, config.kv_cache_memory, config.gpu_memory_utilization)
-        num_blocks = num_kv_blocks(model, self.dtype, config.block_size, budget, config.kv_cache_dtype)
+        bytes_per_token = sum(kv_bytes_per_token(m, self.dtype, config.kv_cache_dtype) for m in (model, draft) if m)
+        num_blocks = num_kv_blocks(bytes_per_token, config.block_size, budget)
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"kv_cache_memory: {budget / (1 << 30):.4g} GiB holds {num_blocks * config.block_size} tokens, "
@@ -127,20 +130,53 @@ class LLMEngine:
             self.kv_cache_manager,
         )
         self.runner = ModelRunner(model, device, self.dtype, config.block_size, num_blocks, self.max_model_len,
-                                  config.max_num_seqs, config.seed, config.backend, config.kv_cache_dtype)
+                                  config.max_num_seqs, config.seed, config.backend, config.kv_cache_dtype,
+                                  draft_model=draft, draft_layers=draft_layers,
+                                  max_batched_tokens=config.max_num_batched_tokens)
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         self.stats = EngineStats()
-        self.spec = config.speculative
         self.proposer = (NgramProposer(self.spec.prompt_lookup_min, self.spec.prompt_lookup_max)
-                         if self.spec is not None else None)
+                         if self.spec is not None and self.spec.method == "ngram" else None)
         self.controller = SpecController(always=self.spec is not None and self.spec.switch == "always")
         self._speculating = False  # whether the requests got proposals for the coming step
         self._states: dict[str, _RequestState] = {}
         self._seq_parent: dict[str, _RequestState] = {}
         self._ids = itertools.count()
+
+    def _load_draft(self, target: LlamaForCausalLM, device: torch.device) -> LlamaForCausalLM:
+        """The draft model of speculative_config, checked against the target (from its
+        config.json before its weights are read, where it has one)."""
+        config = self.config
+        try:
+            source = resolve_model(self.spec.model)
+        except ValueError as e:
+            raise ValueError(f"speculative_config: draft {e}") from None
+        if source.kind != "gguf":
+            self._check_draft(ModelArchConfig.from_hf(load_hf_config(source)), target.config)
+        draft = load_model(source, self.dtype, device, config.seed, config.quantization,
+                           config.quantization_group_size)
+        self._check_draft(draft.config, target.config)
+        if load_tokenizer(source).get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"speculative_config: the draft model {self.spec.model!r} has another tokenizer than "
+                             "the target (same size, different tokens): a draft must share the target's vocabulary")
+        return draft
+
+    def _check_draft(self, cfg: ModelArchConfig, target: ModelArchConfig) -> None:
+        """The same vocabulary (proposals are the target's token ids), no bigger, long enough."""
+        path = self.spec.model
+        if cfg.vocab_size != target.vocab_size:
+            raise ValueError(f"speculative_config: the draft model {path!r} has a vocabulary of {cfg.vocab_size} "
+                             f"tokens, the target {target.vocab_size}: a draft must share the target's vocabulary")
+        if cfg.num_params > target.num_params:
+            raise ValueError(f"speculative_config: the draft model {path!r} ({cfg.num_params / 1e6:.1f}M "
+                             f"parameters) is bigger than the target ({target.num_params / 1e6:.1f}M): it would "
+                             "cost more than it saves")
+        if cfg.max_position_embeddings < self.max_model_len:
+            raise ValueError(f"speculative_config: the draft model {path!r} handles {cfg.max_position_embeddings} "
+                             f"positions, fewer than max_model_len ({self.max_model_len}); lower max_model_len")
 
     # -- requests -------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -276,7 +312,7 @@ class LLMEngine:
                 num_sampled += self._process_tokens(state, req, kept, first, now)
                 touched[state.request_id] = state
         self.stats.num_generation_tokens += num_sampled
-        if self.proposer is not None:
+        if self.spec is not None:
             speculated, self._speculating = self._speculating, self.controller.decide(self.scheduler.num_running)
             if self._speculating:
                 self._propose()
@@ -285,14 +321,16 @@ class LLMEngine:
         return [self._make_output(state) for state in touched.values()], stats
 
     def _propose(self) -> None:
-        """Proposals for the next step, for each request that is up to date."""
+        """Proposals for the next step, for each request that is up to date: the n-gram
+        proposer's now, or a draft's slots, filled by the model runner within the step."""
         k = self.spec.num_speculative_tokens
         for req in self.scheduler.running:
             if req.num_tokens - req.num_computed_tokens != 1:
                 continue
             # Every proposal accepted plus the bonus token must fit max_tokens and the context.
             room = min(k, req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
-            req.spec_token_ids = self.proposer.propose(req, room)
+            req.spec_token_ids = (self.proposer.propose(req, room) if self.proposer is not None
+                                  else [DRAFT_PENDING] * max(0, room))
 
     def _tokens_by_request(self, out) -> dict[str, int]:
         tokens: dict[str, int] = {}

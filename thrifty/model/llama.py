@@ -108,11 +108,13 @@ class LlamaForCausalLM(nn.Module):
         self.quantized: dict[str, QuantizedWeight] = {}
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                layers: list[int] | None = None) -> torch.Tensor:
+        """The hidden states after every layer, or after only the given ones (a self-draft)."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
+        for i in range(len(self.layers)) if layers is None else layers:
+            x = self.layers[i](x, rope, kv_caches[i], meta)
         return x
 
     @torch.inference_mode()

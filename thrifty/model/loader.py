@@ -111,7 +111,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, se
     if source.kind == "dummy":
         _init_dummy(model, seed)
     else:
-        model.load_hf_state_dict(weights if weights is not None else _read_safetensors(Path(source.path)))
+        model.load_hf_state_dict(weights if weights is not None else read_safetensors(Path(source.path)))
     if quantized:
         model.set_quantized(quantized)
     elif quantization in ("int8", "int4"):
@@ -119,7 +119,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, se
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))

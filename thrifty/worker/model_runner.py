@@ -1,30 +1,27 @@
-"""ModelRunner: owns the weights and the KV cache; keeps each request's state between steps
-(tokens, block-table row, sampling generator) and updates it from what each SchedulerOutput says
-changed; turns the step into one flat batch, runs the model, samples.
-
-Two backends run the same step over the same cache:
-- "native": the C++ kernels (csrc/cpu), the whole forward in one call (CPU);
-- "torch": the pure-torch reference (thrifty/model/llama.py), on CPU or CUDA.
+"""ModelRunner: owns the model over its KV cache (paged_model.py: the native or the torch
+backend) and a drafter if it speculates; keeps each request's state between steps (tokens,
+block-table row, sampling generator) and updates it from what each SchedulerOutput says changed;
+turns the step into one flat batch, runs the model, samples.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from thrifty.core.kv_cache_manager import cdiv
+from thrifty.core.request import DRAFT_PENDING
 from thrifty.core.scheduler import SchedulerOutput
-from thrifty.layers.attention import AttentionMetadata, kv_cache_element_dtype, kv_cache_shapes
 from thrifty.layers.rejection_sampler import num_accepted_greedy, verify
 from thrifty.layers.sampler import Sampler, SamplerOutput, SamplingInput, greedy_output, only_argmax
 from thrifty.model.llama import LlamaForCausalLM
 from thrifty.sampling_params import SamplingParams
+from thrifty.worker.drafter import Drafter
+from thrifty.worker.paged_model import PagedModel, StepBatch, kv_bytes_per_token
 
 GiB = 1 << 30
-logger = logging.getLogger("thrifty")
 
 
 @dataclass
@@ -75,26 +72,8 @@ class CachedRequestState:
         return (self.prompt_token_ids + self.output_token_ids)[start:end]
 
 
-@dataclass
-class StepBatch:
-    """One step as one flat batch: sequences computing one token first, then prefill chunks."""
-
-    input_ids: torch.Tensor  # [num_tokens] int64
-    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
-    seq_lens: torch.Tensor  # [num_seqs] int32: tokens cached after the step
-    block_table: torch.Tensor  # [num_seqs, max_blocks] int32, padded with the null block
-    logits_indices: torch.Tensor  # [num_sampled] int64: rows whose logits are sampled
-    q_lens: list[int]
-    seq_lens_list: list[int]
-
-
-def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
-    return model.config.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size(), kv_cache_dtype != "auto")
-
-
-def num_kv_blocks(model: LlamaForCausalLM, dtype: torch.dtype, block_size: int, budget_bytes: int,
-                  kv_cache_dtype: str = "auto") -> int:
-    return int(budget_bytes // (kv_bytes_per_token(model, dtype, kv_cache_dtype) * block_size))
+def num_kv_blocks(bytes_per_token: int, block_size: int, budget_bytes: int) -> int:
+    return int(budget_bytes // (bytes_per_token * block_size))
 
 
 def available_host_bytes() -> int | None:
@@ -126,47 +105,31 @@ def kv_budget_bytes(device: torch.device, kv_cache_memory: float | None, utiliza
     return 2 * GiB
 
 
-def resolve_backend(backend: str, model: LlamaForCausalLM, dtype: torch.dtype, device: torch.device,
-                    block_size: int) -> str:
-    """"native" where the kernels are built and take this model, else "torch" (said in the log)."""
-    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
-        return "torch"
-    from thrifty import native
-    from thrifty.native.model import native_unsupported_reason
-
-    reason = native_unsupported_reason(model, dtype, device, block_size)
-    if reason is None and not native.load():
-        reason = "the library is unavailable (see the log line above)"
-    if reason is None:
-        return "native"
-    if backend == "native":
-        raise ValueError(f"backend 'native' cannot run this model: {reason}")
-    logger.warning("thrifty: the native CPU kernels do not run this model (%s); using the pure-torch path", reason)
-    return "torch"
-
-
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, block_size: int,
                  num_blocks: int, max_model_len: int, max_num_reqs: int, seed: int = 0, backend: str = "auto",
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", draft_model: LlamaForCausalLM | None = None,
+                 draft_layers: list[int] | None = None, max_batched_tokens: int = 8192):
+        """`draft_model` (its own KV cache) or `draft_layers` (some of the target's layers) make
+        the proposals of speculative decoding left pending by the scheduler (see drafter.py)."""
         self.model = model
         self.device = device
-        self.dtype = dtype
         self.block_size = block_size
-        self.kv_cache_dtype = kv_cache_dtype
-        self.num_blocks = num_blocks
-        self.backend = resolve_backend(backend, model, dtype, device, block_size)
-        cfg = model.config
         # One block more than the pool hands out: the null block pads block tables.
         self.null_block = num_blocks
+        self.paged = PagedModel(model, device, dtype, block_size, num_blocks, backend, kv_cache_dtype)
+        self.backend = self.paged.backend
+        self.native = getattr(self.paged, "native", None)
         self.kv_bytes_per_token = kv_bytes_per_token(model, dtype, kv_cache_dtype)
-        k_shape, v_shape = kv_cache_shapes(num_blocks + 1, cfg.num_key_value_heads, cfg.head_dim, block_size, dtype,
-                                           kv_cache_dtype)
-        # Zeroed, not empty: slots past a sequence's end are read (with zero weight) by the
-        # reference attention, and 0 * NaN garbage would poison the output.
-        cache_dtype = kv_cache_element_dtype(dtype, kv_cache_dtype)
-        self.k_caches = [torch.zeros(k_shape, dtype=cache_dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v_caches = [torch.zeros(v_shape, dtype=cache_dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.weight_bytes = self.paged.weight_bytes
+        self.drafter: Drafter | None = None
+        if draft_layers is not None:
+            self.drafter = Drafter(self.paged, draft_layers, max_batched_tokens)
+        elif draft_model is not None:
+            draft = PagedModel(draft_model, device, dtype, block_size, num_blocks, backend, kv_cache_dtype)
+            self.drafter = Drafter(draft, None, max_batched_tokens)
+            self.kv_bytes_per_token += kv_bytes_per_token(draft_model, dtype, kv_cache_dtype)
+            self.weight_bytes += draft.weight_bytes
         # Block tables of every request the runner holds, one row each, updated as blocks come.
         # The step's small host arrays are numpy: torch.tensor costs several times more per call
         # at this size, and a batch-1 step makes a handful of them.
@@ -178,23 +141,6 @@ class ModelRunner:
         # from where its stream was, so its output does not depend on being preempted.
         self.generators: dict[str, torch.Generator] = {}
         self.prompt_logprobs: dict[str, list] = {}  # the last step's, see execute
-        if self.backend == "native":
-            from thrifty.native.model import build_native_model
-
-            self.native, self.weight_bytes = build_native_model(model, block_size, self.k_caches, self.v_caches,
-                                                                kv_cache_dtype)
-        else:
-            if model.quantized:
-                # A documented fallback; a warning where the user asked for int8/int4 themselves.
-                asked = any(w.kind in ("int8", "int4") for w in model.quantized.values())
-                logger.log(logging.WARNING if asked else logging.INFO,
-                           "thrifty: the %s backend has no quantized kernels: it computes with the %d quantized "
-                           "matmuls' dequantized values (same results, no memory or time saved)",
-                           self.backend, len(model.quantized))
-                model.quantized = {}
-            model.prepack()
-            params = {id(p): p for p in model.parameters()}.values()  # a tied head counts once
-            self.weight_bytes = sum(p.numel() * p.element_size() for p in params)
 
     # -- request states ---------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:
@@ -233,14 +179,23 @@ class ModelRunner:
         state = self.requests.pop(req_id, None)
         if state is not None:
             self.free_rows.append(state.row)
+        if self.drafter is not None:
+            self.drafter.forget(req_id)
 
     # -- the step -----------------------------------------------------------------------------
-    def _prepare(self, out: SchedulerOutput) -> tuple[StepBatch, list[tuple[CachedRequestState, list[int]]],
-                                                      list[PromptRows]]:
+    def _proposals(self, out: SchedulerOutput) -> dict[str, list[int]]:
+        """The step's proposals by request: the scheduler's, with the pending ones drafted now."""
+        spec = out.scheduled_spec_decode_tokens
+        pending = [(self.requests[rid], len(d)) for rid, d in spec.items() if d and d[0] == DRAFT_PENDING]
+        if not pending:
+            return spec
+        return {**spec, **self.drafter.propose(pending, self.block_table)}
+
+    def _prepare(self, out: SchedulerOutput, spec: dict[str, list[int]]
+                 ) -> tuple[StepBatch, list[tuple[CachedRequestState, list[int]]], list[PromptRows]]:
         """The flat batch, the requests that sample (with the proposals each verifies: one
         logits row per proposal, plus one), and the rows that predict prompt tokens."""
         seqs: list[tuple[CachedRequestState, int, int]] = []  # state, first position, new tokens
-        spec = out.scheduled_spec_decode_tokens
         for req_id, n in out.num_scheduled_tokens.items():
             state = self.requests[req_id]
             seqs.append((state, state.num_computed_tokens, n))
@@ -271,28 +226,9 @@ class ModelRunner:
             end = min(start + n, len(state.prompt_token_ids) - 1)
             if state.sampling_params.prompt_logprobs is not None and start < end:
                 prompt_rows.append(PromptRows(state, start, first_row, end - start))
-        max_blocks = cdiv(max(seq_lens), self.block_size)
-        qsl = [0]
-        for n in q_lens:
-            qsl.append(qsl[-1] + n)
-        batch = StepBatch(
-            input_ids=torch.from_numpy(np.array(ids, dtype=np.int64)),
-            query_start_loc=torch.from_numpy(np.array(qsl, dtype=np.int32)),
-            seq_lens=torch.from_numpy(np.array(seq_lens, dtype=np.int32)),
-            block_table=torch.from_numpy(self.block_table[rows, :max_blocks]),
-            logits_indices=torch.from_numpy(np.array(
-                logits_indices + [r.first_row + i for r in prompt_rows for i in range(r.count)], dtype=np.int64)),
-            q_lens=q_lens, seq_lens_list=seq_lens)
+        logits_indices += [r.first_row + i for r in prompt_rows for i in range(r.count)]
+        batch = StepBatch.build(ids, q_lens, seq_lens, self.block_table[rows], logits_indices, self.block_size)
         return batch, sampled, prompt_rows
-
-    def _logits(self, batch: StepBatch) -> torch.Tensor:
-        """The torch path's forward: the logits of the rows that sample."""
-        dev = self.device
-        positions = torch.cat([torch.arange(s - n, s) for n, s in zip(batch.q_lens, batch.seq_lens_list)]).to(dev)
-        meta = AttentionMetadata.build(batch.q_lens, batch.seq_lens_list, batch.block_table.to(dev), positions,
-                                       self.block_size, self.kv_cache_dtype)
-        hidden = self.model(batch.input_ids.to(dev), positions, list(zip(self.k_caches, self.v_caches)), meta)
-        return self.model.compute_logits(hidden[batch.logits_indices.to(dev)])
 
     def _forward_and_sample(self, batch: StepBatch, inputs: list[SamplingInput],
                             drafts: list[list[int]]) -> tuple[list[SamplerOutput], torch.Tensor]:
@@ -300,17 +236,11 @@ class ModelRunner:
         the logits of the rows after the sampling ones (prompt logprobs). `inputs` has a row per
         logits row of the sampling requests, in order."""
         n = len(inputs)
-        if self.backend == "native":
-            # When every row only needs its argmax, the forward itself picks it, with no second
-            # pass (and a step that samples no row asks for no pick).
-            greedy = bool(inputs) and only_argmax(inputs)
-            logits, token_ids, logprobs = self.native.forward(
-                batch.input_ids, batch.query_start_loc, batch.seq_lens, batch.block_table, batch.logits_indices,
-                greedy)
-            if greedy:
-                return _accept_argmax(token_ids[:n].tolist(), logprobs[:n].tolist(), inputs, drafts), logits[n:]
-        else:
-            logits = self._logits(batch)
+        # When every row only needs its argmax, the native forward itself picks it, with no
+        # second pass (and a step that samples no row asks for no pick).
+        logits, token_ids, logprobs = self.paged.forward(batch, greedy=bool(inputs) and only_argmax(inputs))
+        if token_ids is not None:
+            return _accept_argmax(token_ids[:n].tolist(), logprobs[:n].tolist(), inputs, drafts), logits[n:]
         if not any(drafts):
             whole = self.sampler(logits[:n], inputs)
             return [SamplerOutput([t], [lp], [top]) for t, lp, top in
@@ -344,7 +274,7 @@ class ModelRunner:
         """Runs the step; returns each sampling request's tokens. The prompt logprobs the step
         computed are left in `self.prompt_logprobs` (request id -> entries) for the engine."""
         self._update_states(out)
-        batch, sampled, prompt_rows = self._prepare(out)
+        batch, sampled, prompt_rows = self._prepare(out, self._proposals(out))
         inputs = []
         for s, drafts in sampled:  # a proposal's row samples as if the proposals before it were output
             generator = self.generators.get(s.req_id)
