@@ -121,6 +121,27 @@ def test_switch_uses_the_measured_cheaper_mode_and_keeps_measuring_the_other(on_
     assert SpecController(always=True).decide(64)
 
 
+def test_switch_follows_the_nearest_measured_batch_size_and_bounds_exploring_in_time():
+    c = SpecController()
+    for _ in range(40):  # at batch 1, proposals cost 3x more per token
+        on = c.decide(1)
+        c.observe(1, on, 3.0 if on else 1.0, 1)
+    assert c.preferred(c.bucket(32)) is False  # batch 32 never measured: it follows batch 1
+    # At batch 32, a speculating step costs 50x more (a draft catching up after a long pause):
+    # the switch explores only when its allowance (1% of the time) covers what a step is expected
+    # to cost, so all its exploring costs about 1% of the time, plus the step that found it out.
+    total = excess = 0.0
+    explored = 0
+    for _ in range(12000):
+        on = c.decide(32)
+        seconds = 32 * (50.0 if on else 1.0)
+        c.observe(32, on, seconds, 32)
+        total += seconds
+        excess += seconds - 32 * 1.0
+        explored += on
+    assert explored >= 2 and 0 < excess <= 0.01 * total + 32 * 49.0
+
+
 # -- the rejection sampler ------------------------------------------------------------------------
 def _chi2(counts: list[int], probs: list[float]) -> float:
     n = sum(counts)
@@ -221,6 +242,22 @@ def test_draft_model_proposals_are_its_greedy_continuation_across_rejections(tmp
         state.output_token_ids += drafts[:accepted] + [(drafts[accepted] + 1) % 300 if accepted < k else 7]
     drafter.forget("r")
     assert not drafter._computed and not drafter._fed
+
+
+def test_a_truncated_draft_computes_what_the_target_layers_it_keeps_do(draft_dir):
+    import numpy as np
+
+    from thrifty.config import skip_middle_layers
+    from thrifty.model.loader import load_model, resolve_model
+    from thrifty.worker.paged_model import PagedModel, StepBatch
+
+    cpu, tokens = torch.device("cpu"), [1, 504, 3458, 282, 4649, 314, 17, 30, 31, 32]
+    batch = StepBatch.build(tokens, [len(tokens)], [len(tokens)], np.arange(2, dtype=np.int32)[None], [9], 16)
+    logits = []
+    for path, layers in ((None, skip_middle_layers(6, 30)), (draft_dir, None)):
+        model = load_model(resolve_model(path), torch.float32, cpu, quantization="none")
+        logits.append(PagedModel(model, cpu, torch.float32, 16, 2, backend="torch").forward(batch, layers=layers)[0])
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 
 
 def test_bad_drafts_are_refused_at_start_up(tmp_path, draft_dir):

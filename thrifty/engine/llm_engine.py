@@ -313,11 +313,11 @@ class LLMEngine:
                 touched[state.request_id] = state
         self.stats.num_generation_tokens += num_sampled
         if self.spec is not None:
-            speculated, self._speculating = self._speculating, self.controller.decide(self.scheduler.num_running)
+            self.controller.observe(len(out.scheduled), self._speculating, time.perf_counter() - start, num_sampled,
+                                    decode=decode_only)
+            self._speculating = self.controller.decide(self.scheduler.num_running)
             if self._speculating:
                 self._propose()
-            if decode_only:
-                self.controller.observe(len(out.scheduled), speculated, time.perf_counter() - start, num_sampled)
         return [self._make_output(state) for state in touched.values()], stats
 
     def _propose(self) -> None:

@@ -51,8 +51,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "and head: int8, fp8_e4m3 (fp8: the same), about half a bf16 cache's bytes per token")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="speculative decoding, as vLLM's: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
-                        "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}'; thrifty's \"switch\": \"cost\" "
-                        "(default: only while measured to save time) or \"always\" (docs/speculative.md)")
+                        "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}', '{\"method\": \"draft_model\", "
+                        "\"model\": PATH, \"num_speculative_tokens\": 4}' or thrifty's self-draft '{\"method\": "
+                        "\"layer_skip\", \"num_layers\": N, \"num_speculative_tokens\": 3}'; thrifty's \"switch\": "
+                        "\"cost\" (default: only while measured to save time) or \"always\" (docs/speculative.md)")
 
 
 def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:

@@ -37,7 +37,8 @@ def truncate_model(src: str | None, dst: str, num_layers: int) -> Path:
         raise ValueError("truncate: dummy models have no weights to keep")
     total = hf_config["num_hidden_layers"]
     if not 1 <= num_layers < total:
-        raise ValueError(f"truncate: num_layers must be in [1, {total - 1}] for a {total}-layer model, got {num_layers}")
+        raise ValueError(f"truncate: num_layers must be in [1, {total - 1}] for a {total}-layer model, "
+                         f"got {num_layers}")
     renumber = {old: new for new, old in enumerate(skip_middle_layers(num_layers, total))}
     kept = {}
     for name, tensor in weights.items():
