@@ -42,7 +42,7 @@ def main() -> None:
     reqs = make_dataset("random", args.num_prompts, args.input_len, args.steps + 2, engine.vocab_size, special,
                         engine.max_model_len)
     params = SamplingParams(temperature=0, max_tokens=args.steps + 2, ignore_eos=True)
-    native = engine.runner.native
+    native = engine.runner.paged.native
     llm.generate(reqs[0].prompt_token_ids[:16], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     for r in reqs:
         engine.add_request({"prompt_token_ids": r.prompt_token_ids}, params)

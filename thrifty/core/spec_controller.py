@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MIN_SAMPLES = 3  # per arm and bucket before its own estimates are used
@@ -85,11 +86,9 @@ class SpecController:
     def preferred(self, bucket: int) -> bool | None:
         """Whether speculating is the cheaper mode at this bucket, by its own estimates once both
         modes have MIN_SAMPLES there, else by the nearest bucket's that has; None if none has."""
-        samples = {key: arm.samples for key, arm in self._arms.items()}
-        measured = {b for b, _ in samples if min(samples.get((b, s), 0) for s in (True, False)) >= MIN_SAMPLES}
-        if not measured:
+        nearest = self._nearest(bucket, lambda b: min(self._samples(b, True), self._samples(b, False)) >= MIN_SAMPLES)
+        if nearest is None:
             return None
-        nearest = min(measured, key=lambda b: (abs(b - bucket), b))
         return self._arm(nearest, True).seconds_per_token <= self._arm(nearest, False).seconds_per_token
 
     def observe(self, batch_size: int, speculated: bool, seconds: float, tokens: int, decode: bool = True) -> None:
@@ -113,14 +112,21 @@ class SpecController:
 
     def _estimate(self, bucket: int, speculated: bool) -> float | None:
         """Seconds per token of a mode at this bucket, or at the nearest bucket that measured it."""
-        measured = [b for (b, s), arm in self._arms.items() if s == speculated and arm.samples]
-        if not measured:
-            return None
-        nearest = min(measured, key=lambda b: (abs(b - bucket), b))
-        return self._arm(nearest, speculated).seconds_per_token
+        nearest = self._nearest(bucket, lambda b: self._samples(b, speculated) > 0)
+        return None if nearest is None else self._arm(nearest, speculated).seconds_per_token
+
+    def _nearest(self, bucket: int, measured: Callable[[int], bool]) -> int | None:
+        """The bucket closest to this one (itself first, then the smaller) that is `measured`."""
+        buckets = {b for b, _ in self._arms if measured(b)}
+        return min(buckets, key=lambda b: (abs(b - bucket), b)) if buckets else None
+
+    def _samples(self, bucket: int, speculated: bool) -> int:
+        arm = self._arms.get((bucket, speculated))
+        return arm.samples if arm is not None else 0
 
     def _arm(self, bucket: int, speculated: bool) -> _Arm:
         return self._arms.setdefault((bucket, speculated), _Arm())
+
     def estimates(self) -> dict[int, tuple[float | None, float | None]]:
         """Per bucket's smallest batch size: (seconds per token with proposals, without)."""
         out = {}

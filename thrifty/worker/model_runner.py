@@ -119,7 +119,6 @@ class ModelRunner:
         self.null_block = num_blocks
         self.paged = PagedModel(model, device, dtype, block_size, num_blocks, backend, kv_cache_dtype)
         self.backend = self.paged.backend
-        self.native = getattr(self.paged, "native", None)
         self.kv_bytes_per_token = kv_bytes_per_token(model, dtype, kv_cache_dtype)
         self.weight_bytes = self.paged.weight_bytes
         self.drafter: Drafter | None = None

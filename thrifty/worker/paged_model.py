@@ -77,7 +77,6 @@ class PagedModel:
         self.device = device
         self.block_size = block_size
         self.kv_cache_dtype = kv_cache_dtype
-        self.num_layers = model.config.num_hidden_layers
         self.backend = resolve_backend(backend, model, dtype, device, block_size)
         cfg = model.config
         # One block more than the pool hands out: the null block pads block tables.
@@ -94,6 +93,7 @@ class PagedModel:
             self.native, self.weight_bytes = build_native_model(model, block_size, self.k_caches, self.v_caches,
                                                                 kv_cache_dtype)
         else:
+            self.native = None
             if model.quantized:
                 # A documented fallback; a warning where the user asked for int8/int4 themselves.
                 asked = any(w.kind in ("int8", "int4") for w in model.quantized.values())
