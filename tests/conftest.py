@@ -80,9 +80,6 @@ def hf_greedy(llm, hf_model):
     return refs
 
 
-# The process helpers live in the package, where the benchmarks use them too.
-start_process = start_thrifty
-
 
 class Server:
     """A real `thrifty serve` process on a free localhost port (float32, quiet logs)."""
@@ -90,7 +87,7 @@ class Server:
     def __init__(self, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = start_process(["serve", "--port", str(self.port), "--dtype", "float32",
+        self.proc = start_thrifty(["serve", "--port", str(self.port), "--dtype", "float32",
                                    "--disable-uvicorn-access-log", "--log-level", "warning", *args], self.url, 120)
 
     def stop(self, timeout: float = 60) -> int:

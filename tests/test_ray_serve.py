@@ -10,8 +10,6 @@ and the ledger's arithmetic.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 import warnings
@@ -19,7 +17,7 @@ import warnings
 import httpx2 as httpx
 import openai
 import pytest
-from conftest import PROMPTS
+from conftest import PROMPTS, free_port
 
 from thrifty import SamplingParams
 
@@ -84,13 +82,10 @@ def test_builder_as_serve_run_calls_it():
 def test_options_from_thrifty_serve_flags():
     import argparse
 
-    from thrifty.deploy import add_ray_args
     from thrifty.entrypoints.cli import add_serve_args, engine_kwargs
 
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
-    if "--ray" not in parser._option_string_actions:  # once `thrifty serve` has them itself
-        add_ray_args(parser)
     args = parser.parse_args(["--ray", "--dtype", "float32", "--max-replicas", "4", "--target-ongoing-requests", "16",
                               "--num-cpus-per-replica", "2", "--price-per-hour", "1.2", "--shutdown-timeout", "9",
                               "--api-key", "team-a=sk-a"])
@@ -150,9 +145,9 @@ def _wait_for(states: dict[str, int], timeout: float, timeline: list) -> float:
 
 
 @pytest.fixture
-def ray_cluster():
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
+def ray_cluster(monkeypatch):
+    for k, v in RAY_ENV.items():
+        monkeypatch.setenv(k, v)
     # 3 logical CPUs: a replica reserves 1, Serve's controller and proxy 0, the ledger 0.
     ray.init(address="local", num_cpus=3, object_store_memory=200 * 2**20, include_dashboard=False,
              log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
@@ -163,20 +158,13 @@ def ray_cluster():
             serve.shutdown()
         finally:
             ray.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 @pytest.mark.slow
 def test_autoscales_1_to_2_to_1_with_no_failed_request_and_counts_cost(llm, ray_cluster):
     refs = [o.outputs[0].text for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
                                                     use_tqdm=False)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

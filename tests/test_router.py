@@ -14,8 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2 as httpx
 import openai
 import pytest
-from conftest import Server, free_port, start_process
+from conftest import Server, free_port
 from prometheus_client.parser import text_string_to_metric_families
+
+from thrifty.bench.processes import start_thrifty
 
 pytestmark = pytest.mark.slow
 PRICE = "3600"  # USD per hour: a dollar a second
@@ -28,7 +30,7 @@ class Router:
     def __init__(self, *args: str, wait_healthy: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = start_process(["router", "--port", str(self.port), "--health-interval", "0.5", "--log-level",
+        self.proc = start_thrifty(["router", "--port", str(self.port), "--health-interval", "0.5", "--log-level",
                                    "warning", *args], self.url, 30, any_answer=not wait_healthy)
 
     def client(self) -> openai.OpenAI:
@@ -209,7 +211,7 @@ def test_a_replica_killed_mid_run_loses_no_request_and_comes_back(servers, model
             assert m[f"thrifty:router_backend_healthy{{backend={victim.url}}}"] == 0
             assert m[f"thrifty:router_retries_total{{backend={victim.url}}}"] >= 2
             # Another server on the same port: the router takes it back once /health passes.
-            back = start_process(["serve", "--port", str(victim.port), "--dtype", "float32", "--log-level",
+            back = start_thrifty(["serve", "--port", str(victim.port), "--dtype", "float32", "--log-level",
                                   "warning", *SERVER_ARGS], victim.url, 120)
             try:
                 deadline = time.monotonic() + 30

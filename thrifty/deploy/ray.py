@@ -384,25 +384,19 @@ app = build_app()  # `serve run thrifty.deploy.ray:app`: the default model, 1 to
 
 
 # -- `thrifty serve --ray` ----------------------------------------------------------------
-_CLI_NAMES = {  # DeploymentOptions field: `thrifty serve` argparse dest
-    "min_replicas": "min_replicas", "max_replicas": "max_replicas", "initial_replicas": "initial_replicas",
-    "target_ongoing_requests": "target_ongoing_requests", "max_ongoing_requests": "max_ongoing_requests",
-    "upscale_delay_s": "upscale_delay_s", "downscale_delay_s": "downscale_delay_s",
-    "look_back_period_s": "look_back_period_s", "num_cpus": "num_cpus_per_replica",
-    "num_gpus": "num_gpus_per_replica", "cost_report_interval_s": "cost_report_interval_s",
-    "served_model_name": "served_model_name", "api_key": "api_key", "chat_template": "chat_template",
-    "trust_request_chat_template": "trust_request_chat_template",
-    "max_waiting_requests": "max_waiting_requests", "price_per_hour": "price_per_hour",
-    "graceful_shutdown_timeout_s": "shutdown_timeout",
-}
+# _ServeOptions fields whose `thrifty serve` flag has another name; the others share theirs.
+_CLI_RENAMED = {"num_cpus": "num_cpus_per_replica", "num_gpus": "num_gpus_per_replica",
+                "graceful_shutdown_timeout_s": "shutdown_timeout"}
 
 
 def options_from_cli(args: argparse.Namespace, config: EngineConfig) -> dict:
     """`thrifty serve` flags (with thrifty.deploy.add_ray_args') and its EngineConfig -> build_app's
     arguments. Flags left at None take DeploymentOptions' defaults."""
     options = dataclasses.asdict(config)
-    for field, dest in _CLI_NAMES.items():
-        value = getattr(args, dest, None)
+    for field in _ServeOptions.model_fields:
+        if field == "name":  # the deployment's name is not a flag
+            continue
+        value = getattr(args, _CLI_RENAMED.get(field, field), None)
         if value is not None:
             options[field] = value
     return options
@@ -416,9 +410,9 @@ def run_from_cli(args: argparse.Namespace, config: EngineConfig) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     application = build_app(options_from_cli(args, config))
-    app_name = getattr(args, "ray_app_name", None) or DEFAULT_APP_NAME
-    deployment_name = DeploymentOptions().name
-    address = getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS") or None
+    app_name = args.ray_app_name or DEFAULT_APP_NAME
+    deployment_name = DEFAULT_DEPLOYMENT_NAME
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
     own_cluster = address is None  # "local": never join a cluster `ray start` left running by chance
     ray.init(address=address or "local", include_dashboard=False if own_cluster else None,
              logging_level=args.log_level.upper())
