@@ -43,8 +43,8 @@ class SpeculativeConfig:
       left out when a model is given, as in vLLM)
     - {"method": "layer_skip", "num_layers": 20, "num_speculative_tokens": 4}: thrifty's self-draft,
       num_layers of the target's layers (the middle ones skipped) and its head.
-    `switch` is thrifty's: "cost" (default) speculates only while the engine's own measurements
-    say it saves time, "always" does whenever there is a proposal. Whether the draft model or
+    `switch` is thrifty's: "cost" (default) verifies, each step, as many proposals (0 to k) as the
+    engine's own measurements predict to pay; "always" every proposal there is. Whether the draft model or
     num_layers fit the target is checked when the engine loads it."""
 
     method: str

@@ -1,136 +1,276 @@
-"""The cost-aware switch for speculative decoding: speculate only while it is measured to be cheaper.
+"""The cost-aware switch for speculative decoding: how many proposals each step verifies (0: none),
+chosen for the most tokens per second the engine's own measurements predict.
 
-Whether k proposals per request pay for themselves depends on the machine, the model, the batch
-size and how often proposals are right: at batch 1 a step that computes 5 tokens per request
-costs about what a 1-token step does (the weights are read once either way), at batch 32 it may
-cost several times more. Rather than model that, the switch measures it: for each batch-size
-bucket (powers of two) it keeps the seconds per generated token of decode steps with proposals
-and of steps without (the median of the last few, the draft's work included) and uses the
-cheaper mode; a bucket not measured yet follows the nearest one that is.
+Whether proposals pay for themselves depends on the machine, the model, the batch size, how many
+tokens a step carries and how often proposals are right. So the switch predicts both sides of it:
+- the time of a step, from a table the engine measures at start-up (`calibrate`: forwards of B
+  requests computing q tokens each, at a few B and q) that gives the shape (how a step's time
+  grows with its tokens), scaled by what the engine's own decode steps of that batch size take
+  (the median ratio of their times to the table's over the last few, with and without
+  proposals, the one not measured lately moved with the other: _Scale); a model draft's
+  forwards and catching up move with that level too (the draft's own ratio to it measured
+  while speculating);
+- the tokens a step yields: per request 1 plus, for each proposal position i, the chance that
+  the first i proposals are all accepted, a^i for an acceptance rate a measured on the steps
+  that verified proposals (the rate of a proposal given that those before it were accepted,
+  taken as the same at every position, as in Leviathan et al.'s analysis: so a step verifying
+  one proposal tells about all k; counts that decay per step, so that they follow the
+  workload, with a prior of one proposal at 1/2 that measurements soon outweigh).
+Each step it takes the number of proposals k' in 0..k whose predicted tokens per second is the
+highest: fewer under load, where a step's time grows with its tokens, more when idle, none where
+the proposals are seldom right or the draft is too slow to ever pay.
 
-Now and then it runs the other mode, so both estimates follow the workload. What that costs is
-bounded in time, not in steps: exploring has an allowance that grows by `explore_cost` of every
-step's time and is spent by what each exploring step took beyond the preferred mode's estimate;
-the switch explores only when the allowance covers what the step is expected to cost (from the
-estimates: batch size x the difference per token) and at most once in 1/max_explore steps of a
-bucket. So exploring costs about `explore_cost` of the time however bad the other
-mode is, a draft model's catch-up after a long pause included. Steps that prefill are not
-measured: their time says nothing about decoding.
+While it runs without proposals, their acceptance is not measured; now and then it runs the best
+k' > 0 anyway, so that its estimates follow the workload. What that costs is bounded in time:
+exploring has an allowance that grows by `explore_cost` of every step's time and is spent by
+what each exploring step took beyond what its tokens cost without proposals; the switch explores
+only when the allowance covers what the step is predicted to cost, and at most once in
+1/max_explore steps. Steps that prefill are not measured: their time says nothing about decoding.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-MIN_SAMPLES = 3  # per arm and bucket before its own estimates are used
-WINDOW = 5  # the steps an estimate is the median of
+WINDOW = 8  # the steps a scale is the median of
+MARGIN = 0.03  # the predicted gain below which the switch does not speculate
+ADJACENT = 2  # steps apart within which a step of one mode is compared with the other's scale
+DECAY = 0.93  # per step that verified proposals, the weight earlier acceptance counts keep
+PRIOR = 1.0  # the acceptance prior's weight, in proposals, at rate 1/2
+
+
+def bucket(batch_size: int) -> int:
+    """Batch sizes measured together: powers of two."""
+    return max(1, batch_size).bit_length()
 
 
 @dataclass
-class _Arm:
-    """A mode's seconds per token at one bucket: the median of its last WINDOW steps, so that one
-    slow step (the machine's, not the mode's) does not make a mode look dear; an estimate kept
-    too high would make the switch explore that mode the less (exploring it looks costly)."""
+class _Shape:
+    """Seconds of a step by its batch size and tokens per request, from the start-up table: at
+    the table's nearest batch size, interpolated (or extended) linearly in tokens per request,
+    times batch_size / that batch size."""
 
-    recent: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
-    samples: int = 0
+    table: dict[int, dict[float, float]] = field(default_factory=dict)  # batch size -> q -> seconds
+    _rows: dict[int, tuple[int, list[float], list[float]]] = field(default_factory=dict)  # bucket -> its row
 
-    @property
-    def seconds_per_token(self) -> float:
-        return statistics.median(self.recent) if self.recent else 0.0
+    def add(self, batch_size: int, q: float, seconds: float) -> None:
+        self.table.setdefault(batch_size, {})[q] = seconds
+        self._rows.clear()
 
-    def observe(self, value: float) -> None:
-        self.recent.append(value)
-        self.samples += 1
+    def seconds(self, batch_size: int, q: float) -> float | None:
+        if not self.table:
+            return None
+        b = bucket(batch_size)
+        row = self._rows.get(b)
+        if row is None:  # (every step asks: the lookup is kept)
+            b0 = min(self.table, key=lambda t: (abs(bucket(t) - b), t))
+            qs = sorted(self.table[b0])
+            row = self._rows[b] = (b0, qs, [self.table[b0][x] for x in qs])
+        b0, qs, ts = row
+        if len(qs) == 1:
+            return ts[0] * q / qs[0] * batch_size / b0
+        i = 1
+        while i < len(qs) - 1 and q > qs[i]:  # the segment holding q, or the last
+            i += 1
+        t = ts[i - 1] + (ts[i] - ts[i - 1]) * (q - qs[i - 1]) / (qs[i] - qs[i - 1])
+        return max(t, 0.0) * batch_size / b0
+
+
+@dataclass
+class _Scale:
+    """Measured over tabled seconds at one bucket, for steps with proposals and without: each
+    the median of its last WINDOW steps. The mode measured last gives the level (the machine's
+    speed now); the other is that times their ratio, the bias, the median of the last WINDOW
+    ratios of a step of one mode to the other mode's median, taken only right after a step of
+    the other mode (ADJACENT): two medians measured apart in time would compare the machine
+    at two speeds. So when the machine slows down while one mode runs, the other's estimate
+    moves with it instead of going stale, and a systematic difference between them (the
+    sampler verifying proposals, a draft catching up) is kept."""
+
+    windows: dict[bool, deque[float]] = field(default_factory=dict)
+    medians: dict[bool, float] = field(default_factory=dict)  # (kept: every step asks)
+    last: dict[bool, int] = field(default_factory=dict)  # the step each mode was last measured
+    biases: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))  # with proposals over without
+    bias: float = 1.0
+
+    def add(self, ratio: float, speculated: bool, step: int) -> None:
+        level = self.medians.get(not speculated)
+        if level is not None and step - self.last[not speculated] <= ADJACENT:
+            self.biases.append(ratio / level if speculated else level / ratio)
+            self.bias = statistics.median(self.biases)
+        window = self.windows.setdefault(speculated, deque(maxlen=WINDOW))
+        window.append(ratio)
+        self.medians[speculated] = statistics.median(window)
+        self.last[speculated] = step
+
+    def value(self, speculated: bool) -> float:
+        fresher = max(self.last, key=self.last.get)
+        level = self.medians[fresher]
+        if fresher == speculated:
+            return level
+        return level * self.bias if speculated else level / self.bias
 
 
 @dataclass
 class SpecController:
-    always: bool = False  # the "always" switch: no measuring, speculate whenever there is a proposal
-    explore_cost: float = 0.01  # the share of the engine's time exploring the costlier mode may cost
-    max_explore: float = 1 / 16  # the largest share of a bucket's steps that explore
-    _arms: dict[tuple[int, bool], _Arm] = field(default_factory=dict)
-    _since: dict[int, int] = field(default_factory=dict)  # per bucket: steps since it last explored
-    _exploring: bool = False  # the last decision went against the preferred mode
+    num_speculative_tokens: int = 4  # k, the most proposals a step verifies per request
+    always: bool = False  # the "always" switch: every proposal, no measuring
+    explore_cost: float = 0.01  # the share of the engine's time exploring may cost
+    max_explore: float = 1 / 16  # the largest share of steps that explore
+    target: _Shape = field(default_factory=_Shape)  # the target's forward
+    draft: _Shape = field(default_factory=_Shape)  # one draft forward (q = 1); empty for n-gram
+    catch_up_seconds_per_token: float = 0.0  # a draft model's prefill
+    _scales: dict[tuple[str, int], _Scale] = field(default_factory=dict)  # ("target" or "draft", bucket)
+    _steps: int = 0  # decode steps measured
+    _tried: float = 0.0  # proposals verified (decayed counts)
+    _accepted: float = 0.0
+    _since: int = 0  # steps since the last exploring one
+    _exploring: bool = False
     allowance_seconds: float = 0.0  # what exploring may still cost
-    saved_seconds: float = 0.0  # estimated time speculation saved so far (can go negative)
-    enabled: bool = True  # the last decision
+    saved_seconds: float = 0.0  # predicted time speculation saved so far (can go negative)
+    enabled: bool = True  # whether the last choice (with proposals to choose from) was k' > 0
+    last_k: int = 0  # that choice's k'
 
-    @staticmethod
-    def bucket(batch_size: int) -> int:
-        return max(1, batch_size).bit_length()
+    def __post_init__(self) -> None:
+        self.enabled = self.always
 
-    def decide(self, batch_size: int) -> bool:
-        """Whether the next step's requests get proposals."""
-        self._exploring = False
-        if self.always:
-            self.enabled = True
-            return True
-        b = self.bucket(batch_size)
-        preferred = self.preferred(b)
-        if preferred is None:  # nothing measured anywhere yet: measure both, proposals first
-            choice = self._arm(b, True).samples <= self._arm(b, False).samples
-        else:
-            since = self._since[b] = self._since.get(b, 0) + 1
-            self._exploring = (since * self.max_explore >= 1 and self.allowance_seconds > 0
-                               and self.allowance_seconds >= self._price(b, batch_size, not preferred))
-            if self._exploring:
-                self._since[b] = 0
-            choice = preferred != self._exploring
-        self.enabled = choice
-        return choice
+    # -- measurements -----------------------------------------------------------------------
+    def calibrate(self, batch_size: int, q: int, seconds: float, draft_seconds: float | None = None) -> None:
+        """A start-up measurement: a target forward of batch_size requests computing q tokens
+        each took `seconds`; with draft_seconds, one draft forward of batch_size tokens."""
+        self.target.add(batch_size, q, seconds)
+        if draft_seconds is not None:
+            self.draft.add(batch_size, 1, draft_seconds)
 
-    def preferred(self, bucket: int) -> bool | None:
-        """Whether speculating is the cheaper mode at this bucket, by its own estimates once both
-        modes have MIN_SAMPLES there, else by the nearest bucket's that has; None if none has."""
-        nearest = self._nearest(bucket, lambda b: min(self._samples(b, True), self._samples(b, False)) >= MIN_SAMPLES)
-        if nearest is None:
-            return None
-        return self._arm(nearest, True).seconds_per_token <= self._arm(nearest, False).seconds_per_token
+    def calibrate_catch_up(self, seconds_per_token: float) -> None:
+        """A start-up measurement: a draft model's prefill, per token (what catching up costs)."""
+        self.catch_up_seconds_per_token = seconds_per_token
 
-    def observe(self, batch_size: int, speculated: bool, seconds: float, tokens: int, decode: bool = True) -> None:
-        """The last step (as decided) took `seconds` and generated `tokens`; it is measured if it
-        was a decode step (no prefill) of batch_size requests."""
+    def observe(self, batch_size: int, num_tokens: int, seconds: float, generated: int,
+                verified: list[tuple[int, int]] = (), draft_seconds: float = 0.0,
+                draft_decode_seconds: float = 0.0, draft_forwards: int = 0, decode: bool = True) -> None:
+        """The last step: batch_size requests computed num_tokens tokens (proposals included) in
+        `seconds`, `draft_seconds` of them the draft's (catching up included), of which
+        draft_decode_seconds its `draft_forwards` decoding forwards; it generated `generated`
+        tokens; `verified`: (proposals, accepted) per request that had proposals. Only decode
+        steps (no prefill) are measured."""
         self.allowance_seconds += self.explore_cost * seconds
-        if not decode or tokens <= 0 or seconds <= 0:
+        if verified:
+            self._count(verified)
+        if not decode or batch_size <= 0 or seconds <= 0:
             return
-        b = self.bucket(batch_size)
-        other = self._estimate(b, not speculated)
-        if self._exploring and other is not None:
-            self.allowance_seconds -= seconds - tokens * other
-        if speculated and other is not None:
-            self.saved_seconds += tokens * other - seconds
-        self._arm(b, speculated).observe(seconds / tokens)
+        b = bucket(batch_size)
+        speculated = num_tokens > batch_size
+        self._steps += 1
+        predicted = self.target.seconds(batch_size, num_tokens / batch_size)
+        if predicted:
+            self._scale("target", b).add((seconds - draft_seconds) / predicted, speculated, self._steps)
+        one_draft = self.draft.seconds(batch_size, 1)
+        if draft_forwards and one_draft:
+            # Relative to the target's level now: the draft's forwards slow down with the machine
+            # as the target's do, and are measured only while speculating.
+            self._scale("draft", b).add(draft_decode_seconds / (draft_forwards * one_draft)
+                                        / self._scale_value("target", b, True), True, self._steps)
+        plain = self._plain_seconds(batch_size)
+        if plain is None or not speculated:
+            return
+        without = generated * plain / batch_size  # what the tokens would have cost one per step
+        self.saved_seconds += without - seconds
+        if self._exploring:
+            self.allowance_seconds -= seconds - without
 
-    def _price(self, bucket: int, batch_size: int, speculated: bool) -> float:
-        """What a step of the given mode is expected to cost beyond one of the other mode."""
-        mine, other = self._estimate(bucket, speculated), self._estimate(bucket, not speculated)
-        return batch_size * max(0.0, mine - other) if mine is not None and other is not None else 0.0
+    def _count(self, verified: list[tuple[int, int]]) -> None:
+        """One step's (proposals, accepted) per request: a proposal is verified when all
+        before it were accepted, so a request verified accepted + 1 of them (all, if all were
+        accepted)."""
+        self._tried = DECAY * self._tried + sum(min(proposed, accepted + 1) for proposed, accepted in verified)
+        self._accepted = DECAY * self._accepted + sum(accepted for _, accepted in verified)
 
-    def _estimate(self, bucket: int, speculated: bool) -> float | None:
-        """Seconds per token of a mode at this bucket, or at the nearest bucket that measured it."""
-        nearest = self._nearest(bucket, lambda b: self._samples(b, speculated) > 0)
-        return None if nearest is None else self._arm(nearest, speculated).seconds_per_token
+    def acceptance(self) -> float:
+        """The chance a proposal is accepted given that those before it were, the same at
+        every position: the decayed counts plus a prior of PRIOR proposals at 1/2."""
+        return (self._accepted + PRIOR / 2) / (self._tried + PRIOR)
 
-    def _nearest(self, bucket: int, measured: Callable[[int], bool]) -> int | None:
-        """The bucket closest to this one (itself first, then the smaller) that is `measured`."""
-        buckets = {b for b, _ in self._arms if measured(b)}
-        return min(buckets, key=lambda b: (abs(b - bucket), b)) if buckets else None
+    # -- the choice -------------------------------------------------------------------------
+    def choose(self, proposals: list[int], catch_up_tokens: int = 0) -> int:
+        """The next step's k' (the most proposals a request verifies; 0: none), from each
+        running request's available proposals (n-gram: those found; a draft: k) and, for a
+        draft model, the tokens it would catch up on first (the step with proposals pays them:
+        after a pause, the whole context of every request)."""
+        self._exploring = False
+        most = min(max(proposals, default=0), self.num_speculative_tokens)
+        if self.always or most == 0:  # (the gauges keep the last choice made)
+            if most:
+                self.last_k = most
+            return most
+        rates = self._rates(proposals, most, catch_up_tokens * self.catch_up_seconds_per_token)
+        if rates is None:  # not calibrated: nothing to predict with
+            best = 0
+        else:
+            # Proposals must promise a clear gain: in a near tie the prediction's error (a few
+            # percent) outweighs what speculating would win.
+            best = max(range(most + 1), key=lambda k: (rates[k][0] / rates[k][1] * (1 if k else 1 + MARGIN), -k))
+            self._since += 1
+            if best == 0 and self._since * self.max_explore >= 1:
+                k = max(range(1, most + 1), key=lambda k: (rates[k][0] / rates[k][1], -k))
+                tokens, seconds = rates[k]
+                price = seconds - tokens * rates[0][1] / rates[0][0]
+                if 0 < self.allowance_seconds and price <= self.allowance_seconds:
+                    best, self._exploring, self._since = k, True, 0
+        self.enabled = best > 0
+        self.last_k = best
+        return best
 
-    def _samples(self, bucket: int, speculated: bool) -> int:
-        arm = self._arms.get((bucket, speculated))
-        return arm.samples if arm is not None else 0
+    def _rates(self, proposals: list[int], most: int, catch_up: float = 0.0) -> list[tuple[float, float]] | None:
+        """Per k' in 0..most: (predicted tokens, predicted seconds) of the next step: the target
+        computing its tokens, plus for a model draft k' forwards and `catch_up` seconds."""
+        batch = len(proposals)
+        b = bucket(batch)
+        accept = self.acceptance()
+        off, on = self._scale_value("target", b, False), self._scale_value("target", b, True)
+        one_draft = self.draft.seconds(batch, 1)
+        draft = one_draft * on * self._scale_value("draft", b, True) if one_draft else 0.0
+        out = []
+        tokens, extra = float(batch), 0
+        for k in range(most + 1):
+            if k:
+                having = sum(1 for n in proposals if n >= k)  # requests with a k-th proposal
+                tokens += having * accept ** k  # each is generated if the first k are all accepted
+                extra += having
+            shape = self.target.seconds(batch, 1 + extra / batch)
+            if not shape:
+                return None
+            out.append((tokens, shape * (on if extra else off) + (k * draft + catch_up * on if k else 0.0)))
+        return out
 
-    def _arm(self, bucket: int, speculated: bool) -> _Arm:
-        return self._arms.setdefault((bucket, speculated), _Arm())
+    def _plain_seconds(self, batch_size: int) -> float | None:
+        """A step's predicted seconds without proposals."""
+        shape = self.target.seconds(batch_size, 1)
+        return shape * self._scale_value("target", bucket(batch_size), False) if shape else None
 
-    def estimates(self) -> dict[int, tuple[float | None, float | None]]:
-        """Per bucket's smallest batch size: (seconds per token with proposals, without)."""
-        out = {}
-        for (b, spec), arm in sorted(self._arms.items()):
-            on_off = out.setdefault(1 << (b - 1), [None, None])
-            on_off[0 if spec else 1] = arm.seconds_per_token if arm.samples else None
-        return {k: tuple(v) for k, v in out.items()}
+    def _scale(self, which: str, b: int) -> _Scale:
+        return self._scales.setdefault((which, b), _Scale())
+
+    def _scale_value(self, which: str, b: int, speculated: bool) -> float:
+        """The bucket's scale, else the nearest bucket's, else 1 (the table as measured)."""
+        s = self._scales.get((which, b))
+        if s is None:
+            near = [(abs(bb - b), bb) for w, bb in self._scales if w == which]
+            if not near:
+                return 1.0
+            s = self._scales[(which, min(near)[1])]
+        return s.value(speculated)
+
+    def estimates(self) -> dict:
+        """What the switch predicts with: the acceptance rate, and per bucket's smallest batch
+        size its scales (measured / start-up table) of the target's steps and the draft's."""
+        scales: dict[str, dict[str, float | None]] = {}
+        for (which, b), s in sorted(self._scales.items()):
+            row = scales.setdefault(str(1 << (b - 1)), {})
+            if which == "draft":
+                row["draft_over_target"] = s.value(True)
+            else:
+                row["target_off"], row["target_on"] = s.value(False), s.value(True)
+        return {"acceptance": round(self.acceptance(), 4), "scales": scales}

@@ -20,10 +20,14 @@ from thrifty.model.config import ModelArchConfig
 from thrifty.model.loader import load_hf_config, load_model, load_tokenizer, resolve_model
 from thrifty.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from thrifty.sampling_params import SamplingParams
+from thrifty.worker.drafter import DraftTimes
 from thrifty.worker.model_runner import ModelRunner, SampledToken, kv_budget_bytes, num_kv_blocks
 from thrifty.worker.paged_model import kv_bytes_per_token
 
 PromptType = str | dict | list[int]
+# The cost-aware switch's start-up table: requests' cached tokens, and the largest batch timed.
+CALIBRATION_CONTEXT = 128
+CALIBRATION_MAX_BATCH = 32
 
 
 @dataclass
@@ -140,11 +144,36 @@ class LLMEngine:
         self.stats = EngineStats()
         self.proposer = (NgramProposer(self.spec.prompt_lookup_min, self.spec.prompt_lookup_max)
                          if self.spec is not None and self.spec.method == "ngram" else None)
-        self.controller = SpecController(always=self.spec is not None and self.spec.switch == "always")
-        self._speculating = False  # whether the requests got proposals for the coming step
+        self.controller = SpecController(self.spec.num_speculative_tokens if self.spec else 0,
+                                         always=self.spec is not None and self.spec.switch == "always")
+        if self.spec is not None and not self.controller.always:
+            self._calibrate_switch()
         self._states: dict[str, _RequestState] = {}
         self._seq_parent: dict[str, _RequestState] = {}
         self._ids = itertools.count()
+
+    def _calibrate_switch(self) -> None:
+        """The cost-aware switch's table of step times (spec_controller.py): forwards of 1, 2, 4 ..
+        requests (up to max_num_seqs, at most CALIBRATION_MAX_BATCH) computing 1, 2 and k + 1
+        tokens each, one draft forward of as many tokens for a model draft, and a draft model's
+        prefill (what catching up costs). It takes a second or two at start-up; the engine's own
+        steps then scale it."""
+        k = self.spec.num_speculative_tokens
+        context = min(CALIBRATION_CONTEXT, self.max_model_len - k - 1)
+        b = 1
+        while b <= min(self.config.max_num_seqs, CALIBRATION_MAX_BATCH):
+            for q in sorted({1, 2, k + 1}):
+                if b * q > self.config.max_num_batched_tokens:
+                    continue
+                seconds = self.runner.time_forward(b, q, context)
+                if seconds is None:
+                    return
+                draft = self.runner.time_forward(b, 1, context, draft=True) if (
+                    q == 1 and self.runner.drafter is not None) else None
+                self.controller.calibrate(b, q, seconds, draft)
+            b *= 2
+        if self.runner.drafter is not None and self.runner.drafter.own_cache:
+            self.controller.calibrate_catch_up(self.runner.time_forward(1, context, 0, draft=True, logits=False) / context)
 
     def _load_draft(self, target: LlamaForCausalLM, device: torch.device) -> LlamaForCausalLM:
         """The draft model of speculative_config, checked against the target (from its
@@ -313,17 +342,21 @@ class LLMEngine:
                 touched[state.request_id] = state
         self.stats.num_generation_tokens += num_sampled
         if self.spec is not None:
-            self.controller.observe(len(out.scheduled), self._speculating, time.perf_counter() - start, num_sampled,
-                                    decode=decode_only)
-            self._speculating = self.controller.decide(self.scheduler.num_running)
-            if self._speculating:
-                self._propose()
+            verified = [(len(s.spec_token_ids), len(sampled.get(s.request.request_id, [])) - 1)
+                        for s in out.scheduled if s.spec_token_ids]
+            draft = self.runner.drafter.last if self.runner.drafter is not None else DraftTimes()
+            self.controller.observe(len(out.scheduled), sum(s.num_new_tokens for s in out.scheduled),
+                                    time.perf_counter() - start, num_sampled, verified, draft.seconds,
+                                    draft.decode_seconds, draft.forwards, decode=decode_only)
+            self._propose()
         return [self._make_output(state) for state in touched.values()], stats
 
     def _propose(self) -> None:
         """Proposals for the next step, for each request that is up to date: the n-gram
-        proposer's now, or a draft's slots, filled by the model runner within the step."""
+        proposer's now, or a draft's slots, filled by the model runner within the step; as
+        many as the cost-aware switch chooses (up to k)."""
         k = self.spec.num_speculative_tokens
+        ready = []
         for req in self.scheduler.running:
             if req.num_tokens - req.num_computed_tokens != 1:
                 continue
@@ -331,6 +364,13 @@ class LLMEngine:
             room = min(k, req.max_tokens - req.num_output_tokens - 1, self.max_model_len - req.num_tokens - 1)
             req.spec_token_ids = (self.proposer.propose(req, room) if self.proposer is not None
                                   else [DRAFT_PENDING] * max(0, room))
+            ready.append(req)
+        drafter = self.runner.drafter
+        behind = drafter.tokens_behind({r.request_id: r.num_computed_tokens for r in ready}) if drafter else 0
+        chosen = self.controller.choose([len(r.spec_token_ids) for r in ready]
+                                        + [0] * (self.scheduler.num_running - len(ready)), behind)
+        for req in ready:
+            del req.spec_token_ids[chosen:]
 
     def _tokens_by_request(self, out) -> dict[str, int]:
         tokens: dict[str, int] = {}

@@ -72,8 +72,11 @@ class _EngineStateCollector:
              spec.num_accepted_tokens),
             (GaugeMetricFamily, "thrifty:spec_decode_enabled", "1 while the cost-aware switch has speculation on, "
              "else 0.", 1.0 if controller.enabled else 0.0),
-            (GaugeMetricFamily, "thrifty:spec_decode_saved_seconds", "Engine time speculation saved so far, from the "
-             "switch's measured seconds per token with and without.", controller.saved_seconds),
+            (GaugeMetricFamily, "thrifty:spec_decode_num_speculative_tokens", "Proposals per request the "
+             "cost-aware switch chose for the last step (0 to num_speculative_tokens).", controller.last_k),
+            (GaugeMetricFamily, "thrifty:spec_decode_saved_seconds", "Engine time speculation saved so far: tokens "
+             "of steps with proposals x the switch's predicted seconds per token without, minus the steps' time.",
+             controller.saved_seconds),
             (GaugeMetricFamily, "thrifty:spec_decode_saved_usd", "thrifty:spec_decode_saved_seconds x price.",
              controller.saved_seconds * self.llm.cost.price_per_s),
         ]

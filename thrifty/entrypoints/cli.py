@@ -54,7 +54,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}', '{\"method\": \"draft_model\", "
                         "\"model\": PATH, \"num_speculative_tokens\": 4}' or thrifty's self-draft '{\"method\": "
                         "\"layer_skip\", \"num_layers\": N, \"num_speculative_tokens\": 3}'; thrifty's \"switch\": "
-                        "\"cost\" (default: only while measured to save time) or \"always\" (docs/speculative.md)")
+                        "\"cost\" (default: each step as many proposals as are predicted to pay, 0 to k) or \"always\" "
+                        "(docs/speculative.md)")
 
 
 def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:

@@ -22,8 +22,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from thrifty.cpuinfo import cpu_flags
-
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ROOT / "csrc" / "cpu"
 LIB_DIR = Path(__file__).resolve().parent / "lib"

@@ -21,6 +21,8 @@ sampled requests are served exactly too.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +33,15 @@ if TYPE_CHECKING:
     from thrifty.worker.model_runner import CachedRequestState
 
 
+@dataclass
+class DraftTimes:
+    """What the last propose() took: all of it, and its decoding forwards (the rest caught up)."""
+
+    seconds: float = 0.0
+    decode_seconds: float = 0.0
+    forwards: int = 0
+
+
 class Drafter:
     def __init__(self, model: PagedModel, layers: list[int] | None, max_batched_tokens: int):
         self.model = model
@@ -39,6 +50,7 @@ class Drafter:
         self.max_batched_tokens = max_batched_tokens  # the catch-up's tokens per forward
         self._computed: dict[str, int] = {}  # draft_model: positions with the draft's KV, per request
         self._fed: dict[str, tuple[int, list[int]]] = {}  # draft_model: last round's first position and tokens
+        self.last = DraftTimes()
 
     def forget(self, req_id: str) -> None:
         self._computed.pop(req_id, None)
@@ -48,12 +60,15 @@ class Drafter:
                 ) -> dict[str, list[int]]:
         """k proposals for each (request, k); each request's last token is its only one
         without KV (its position is its num_computed_tokens)."""
+        start = time.perf_counter()
         if self.own_cache:
             self._catch_up([s for s, _ in requests], block_table)
+        decode_start = time.perf_counter()
         last = {s.req_id: s.token_at(s.num_computed_tokens) for s, _ in requests}
         drafts: dict[str, list[int]] = {s.req_id: [] for s, _ in requests}
         bs = self.model.block_size
-        for j in range(max(k for _, k in requests)):
+        forwards = max(k for _, k in requests)
+        for j in range(forwards):
             active = [s for s, k in requests if k > j]
             n = len(active)
             ids = [drafts[s.req_id][-1] if j else last[s.req_id] for s in active]
@@ -68,7 +83,17 @@ class Drafter:
                 p = s.num_computed_tokens
                 self._computed[s.req_id] = p
                 self._fed[s.req_id] = (p, [last[s.req_id]] + drafts[s.req_id][:k - 1])
+        end = time.perf_counter()
+        self.last = DraftTimes(end - start, end - decode_start, forwards)
         return drafts
+
+    def tokens_behind(self, positions: dict[str, int]) -> int:
+        """About how many tokens the draft would catch up on before proposing for these
+        requests (request id -> num_computed_tokens): those past what it last computed (the
+        last round's rejected positions aside)."""
+        if not self.own_cache:
+            return 0
+        return sum(max(0, n - self._computed.get(rid, 0)) for rid, n in positions.items())
 
     def _valid_prefix(self, s: CachedRequestState) -> int:
         """Positions whose draft KV holds the request's own tokens: all it computed, plus those of

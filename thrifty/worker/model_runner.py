@@ -6,6 +6,8 @@ turns the step into one flat batch, runs the model, samples.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +20,7 @@ from thrifty.layers.rejection_sampler import num_accepted_greedy, verify
 from thrifty.layers.sampler import Sampler, SamplerOutput, SamplingInput, greedy_output, only_argmax
 from thrifty.model.llama import LlamaForCausalLM
 from thrifty.sampling_params import SamplingParams
-from thrifty.worker.drafter import Drafter
+from thrifty.worker.drafter import Drafter, DraftTimes
 from thrifty.worker.paged_model import PagedModel, StepBatch, kv_bytes_per_token
 
 GiB = 1 << 30
@@ -185,6 +187,8 @@ class ModelRunner:
     def _proposals(self, out: SchedulerOutput) -> dict[str, list[int]]:
         """The step's proposals by request: the scheduler's, with the pending ones drafted now."""
         spec = out.scheduled_spec_decode_tokens
+        if self.drafter is not None:
+            self.drafter.last = DraftTimes()
         pending = [(self.requests[rid], len(d)) for rid, d in spec.items() if d and d[0] == DRAFT_PENDING]
         if not pending:
             return spec
@@ -268,6 +272,28 @@ class ModelRunner:
                     for i in range(n))
             row += r.count
         return result
+
+    def time_forward(self, batch_size: int, q: int, context: int, draft: bool = False, logits: bool = True,
+                     repeats: int = 3) -> float | None:
+        """The median seconds of a forward of batch_size sequences computing q tokens each after
+        `context` cached ones (the draft's, with `draft`; each token's greedy pick, or with
+        logits=False none, as a draft catching up), on scratch KV blocks: for the cost-aware
+        switch's table, before any request runs (None if the blocks do not hold it)."""
+        per_seq = cdiv(context + q, self.block_size)
+        if batch_size * per_seq > self.null_block:
+            return None
+        paged, layers = (self.drafter.model, self.drafter.layers) if draft else (self.paged, None)
+        table = np.arange(batch_size * per_seq, dtype=np.int32).reshape(batch_size, per_seq)
+        n = batch_size * q
+        batch = StepBatch.build([int(t) for t in np.random.default_rng(0).integers(0, self.model.config.vocab_size, n)],
+                                [q] * batch_size, [context + q] * batch_size, table,
+                                list(range(n)) if logits else [], self.block_size)
+        times = []
+        for _ in range(repeats + 1):  # the first warms up
+            start = time.perf_counter()
+            paged.forward(batch, greedy=logits, layers=layers)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
 
     def execute(self, out: SchedulerOutput) -> dict[str, list[SampledToken]]:
         """Runs the step; returns each sampling request's tokens. The prompt logprobs the step
