@@ -7,10 +7,13 @@ The workload is `thrifty bench throughput --dataset grounded`: passages of Pytho
 EOS). Configurations (--configs): none; each method with the cost-aware switch (thrifty's
 default; `_cost`) and always on (`_always`): ngram, layer_skip (--skip-layers of the target's
 layers) and draft (a draft model made of --draft-layers of the default model's layers by
-thrifty.model.truncate, the only same-vocabulary draft at hand). All engines are loaded first; then, per round, each batch size runs every
-configuration in turn (the order reversed every other round), so the ratios compare
-measurements taken side by side. Batch 1 is --b1-prompts requests one after the other (each
-alone in the engine). Prints one JSON line per run and a summary of ratios against none.
+thrifty.model.truncate, the only same-vocabulary draft at hand); none_control, a second engine
+without speculation, measures how much two identical engines in one process differ (the first
+loaded was measured 2-3% faster). All engines are loaded first, in the order given; then, per
+round, each batch size runs every configuration in turn (the order reversed every other round),
+so the ratios compare measurements taken side by side. Batch 1 is --b1-prompts requests one
+after the other (each alone in the engine), interleaved: each prompt on every configuration
+before the next prompt. Prints one JSON line per run and a summary of ratios against none.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
 
     def spec(name: str) -> dict | None:
-        if name == "none":
+        if name.startswith("none"):  # "none_control": a second engine without, loaded where it is named
             return None
         method, switch = name.rsplit("_", 1)
         keys = {"ngram": {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5},
@@ -69,18 +72,26 @@ def main() -> None:
         for workload in args.workloads.split(","):
             for batch in (1, args.batch):
                 order = list(configs) if rnd % 2 == 0 else list(configs)[::-1]
+                runs: dict[str, list[dict]] = {name: [] for name in order}
+                # Batch 1 interleaves prompt by prompt, so that the machine's noise (minutes
+                # long on a shared host) falls on every configuration alike.
+                for i in range(args.b1_prompts if batch == 1 else 1):
+                    for name in order:
+                        runs[name].append(_run(llms[name], workload, batch, 100 * rnd + i, args))
                 for name in order:
-                    row = _run(llms[name], configs[name] is not None, workload, batch, rnd, args)
                     rows.append({"kind": "spec_decode", "round": rnd, "workload": workload, "batch": batch,
-                                 "config": name, **row})
+                                 "config": name, **_row(runs[name], llms[name], configs[name] is not None)})
                     print(json.dumps(rows[-1]), flush=True)
     summary = {"kind": "spec_decode_summary", "machine": cpu_name(), "cpu_flags": cpu_flags_line(),
                "date": time.strftime("%Y-%m-%d"), "dtype": str(llms["none"].llm_engine.dtype).removeprefix("torch."),
                "quantization": args.quantization, "commit": _commit(),
                "k": args.k, "skip_layers": args.skip_layers, "draft_layers": args.draft_layers,
-               "input_len": args.input_len, "output_len": args.output_len, "ratios_vs_none": {}}
+               "input_len": args.input_len, "output_len": args.output_len,
+               "switch_table_ms": {name: _table_ms(llms[name]) for name in names if configs[name] is not None
+                                   and configs[name]["switch"] == "cost"},
+               "ratios_vs_none": {}}
     for r in rows:
-        if r["config"] != "none":
+        if r["config"] != "none":  # (none_control against none: how much engines differ by themselves)
             base = next(b for b in rows if b["config"] == "none" and b["round"] == r["round"]
                         and b["batch"] == r["batch"] and b["workload"] == r["workload"])
             key = f"{r['workload']}:{r['config']}@B{r['batch']}"
@@ -99,15 +110,22 @@ def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
-def _run(llm: LLM, speculative: bool, workload: str, batch: int, rnd: int, args) -> dict:
-    """Batch 1: b1_prompts requests one after the other; else one batch. grounded stops at EOS,
-    the others ask for exactly output_len tokens."""
+def _run(llm: LLM, workload: str, batch: int, seed: int, args) -> dict:
+    """One run: grounded stops at EOS, the others ask for exactly output_len tokens."""
     grounded = workload == "grounded"
     kw = dict(ignore_eos=not grounded, use_tqdm=False, temperature=1.0 if workload == "sampled" else 0.0)
     workload = "random" if workload == "sampled" else workload
-    runs = ([run_throughput(llm, workload, 1, args.input_len, args.output_len, seed=100 * rnd + i, **kw)
-             for i in range(args.b1_prompts)] if batch == 1 else
-            [run_throughput(llm, workload, batch, args.input_len, args.output_len, seed=rnd, **kw)])
+    return run_throughput(llm, workload, batch, args.input_len, args.output_len, seed=seed, **kw)
+
+
+def _table_ms(llm: LLM) -> dict:
+    """The cost-aware switch's start-up table: target (and draft) forward ms by batch size and tokens each."""
+    c = llm.llm_engine.controller
+    return {which: {str(b): {str(q): round(t * 1e3, 2) for q, t in row.items()} for b, row in shape.table.items()}
+            for which, shape in (("target", c.target), ("draft", c.draft)) if shape.table}
+
+
+def _row(runs: list[dict], llm: LLM, speculative: bool) -> dict:
     tokens = sum(r["total_output_tokens"] for r in runs)
     seconds = sum(r["elapsed_s"] for r in runs)
     drafts = sum(r.get("spec_num_draft_tokens", 0) for r in runs)
@@ -115,8 +133,7 @@ def _run(llm: LLM, speculative: bool, workload: str, batch: int, rnd: int, args)
     return {"output_tokens": tokens, "elapsed_s": round(seconds, 3), "output_tokens_per_s": round(tokens / seconds, 2),
             "acceptance_rate": round(accepted / drafts, 4) if drafts else None,
             "acceptance_per_pos": runs[-1].get("spec_acceptance_per_pos"),
-            "switch_estimates_s_per_token": {str(b): v for b, v in llm.llm_engine.controller.estimates().items()}
-            if speculative else None}
+            "switch_estimates": llm.llm_engine.controller.estimates() if speculative else None}
 
 
 if __name__ == "__main__":
