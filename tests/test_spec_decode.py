@@ -392,22 +392,26 @@ def test_greedy_tokens_identical_with_and_without_speculation(spec_llms, method,
 
 
 @pytest.mark.slow
-def test_cost_switch_measures_its_table_at_start_up_and_keeps_greedy_tokens(spec_llms):
+def test_cost_switch_measures_its_table_at_start_up_and_keeps_greedy_tokens(spec_llms, spec_configs):
     """switch: cost times the target's forwards at start-up (1, 2, 4 requests here, computing 1,
-    2 and k + 1 tokens each), then picks k' per step; whatever it picks, greedy tokens are the
-    target's own."""
+    2 and k + 1 tokens each), the draft model's forwards and its prefill (catching up), then
+    picks k' per step; whatever it picks, greedy tokens are the target's own."""
     from thrifty import LLM
 
     plain = spec_llms("float32", "auto", None)
     llm = LLM(dtype="float32", seed=0, max_model_len=1024, kv_cache_memory=0.1, max_num_seqs=4,
-              speculative_config={**NGRAM, "switch": "cost"})
+              speculative_config={**spec_configs["draft_model"], "switch": "cost"})
     c = llm.llm_engine.controller
-    assert sorted(c.target.table) == [1, 2, 4] and all(sorted(row) == [1, 2, 5] for row in c.target.table.values())
-    assert all(t > 0 for row in c.target.table.values() for t in row.values()) and not c.draft.table
+    assert sorted(c.target.table) == [1, 2, 4] and all(sorted(row) == [1, 2, 4] for row in c.target.table.values())
+    assert sorted(c.draft.table) == [1, 2, 4] and c.catch_up_seconds_per_token > 0
+    assert all(t > 0 for shape in (c.target, c.draft) for row in shape.table.values() for t in row.values())
     outs = llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False)
     want = plain.generate(PROMPTS[:4], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
-    assert 0 <= c.last_k <= 4 and c.estimates()["scales"]  # the engine's steps scaled the table
+    assert c.estimates()["scales"]  # the engine's decode steps scaled the table
+    # The draft is behind by every token of a request it has not drafted for.
+    drafter = llm.llm_engine.runner.drafter
+    assert drafter.tokens_behind({"never-drafted": 37}) == 37
 
 
 @pytest.mark.slow

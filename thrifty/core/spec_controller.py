@@ -8,8 +8,8 @@ tokens a step carries and how often proposals are right. So the switch predicts 
   grows with its tokens), scaled by what the engine's own decode steps of that batch size take
   (the median ratio of their times to the table's over the last few, with and without
   proposals, the one not measured lately moved with the other: _Scale); a model draft's
-  forwards and catching up move with that level too (the draft's own ratio to it measured
-  while speculating);
+  forwards move with that level too (the draft's own ratio to it measured while
+  speculating), and so does its catching up (by the target's level alone);
 - the tokens a step yields: per request 1 plus, for each proposal position i, the chance that
   the first i proposals are all accepted, a^i for an acceptance rate a measured on the steps
   that verified proposals (the rate of a proposal given that those before it were accepted,
@@ -21,9 +21,10 @@ highest: fewer under load, where a step's time grows with its tokens, more when 
 the proposals are seldom right or the draft is too slow to ever pay.
 
 While it runs without proposals, their acceptance is not measured; now and then it runs the best
-k' > 0 anyway, so that its estimates follow the workload. What that costs is bounded in time:
-exploring has an allowance that grows by `explore_cost` of every step's time and is spent by
-what each exploring step took beyond what its tokens cost without proposals; the switch explores
+k' > 0 anyway (and while it speculates, a step without), so that its estimates follow the
+workload. What that costs is bounded in time: exploring has an allowance that grows by
+`explore_cost` of every step's time and is spent by what each exploring step took beyond what
+its tokens cost at the preferred choice's predicted rate; the switch explores
 only when the allowance covers what the step is predicted to cost, and at most once in
 1/max_explore steps. Steps that prefill are not measured: their time says nothing about decoding.
 """
@@ -82,27 +83,29 @@ class _Shape:
 class _Scale:
     """Measured over tabled seconds at one bucket, for steps with proposals and without: each
     the median of its last WINDOW steps. The mode measured last gives the level (the machine's
-    speed now); the other is that times their ratio, the bias, the median of the last WINDOW
-    ratios of a step of one mode to the other mode's median, taken only right after a step of
-    the other mode (ADJACENT): two medians measured apart in time would compare the machine
-    at two speeds. So when the machine slows down while one mode runs, the other's estimate
+    speed now); the other is that times their ratio, the bias: the median of the last WINDOW
+    ratios of a step of one mode to the last step of the other, taken only when that was at
+    most ADJACENT steps before (measurements apart in time would compare the machine at two
+    speeds). So when the machine slows down while one mode runs, the other's estimate
     moves with it instead of going stale, and a systematic difference between them (the
     sampler verifying proposals, a draft catching up) is kept."""
 
     windows: dict[bool, deque[float]] = field(default_factory=dict)
     medians: dict[bool, float] = field(default_factory=dict)  # (kept: every step asks)
+    latest: dict[bool, float] = field(default_factory=dict)  # each mode's last ratio
     last: dict[bool, int] = field(default_factory=dict)  # the step each mode was last measured
     biases: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))  # with proposals over without
     bias: float = 1.0
 
     def add(self, ratio: float, speculated: bool, step: int) -> None:
-        level = self.medians.get(not speculated)
-        if level is not None and step - self.last[not speculated] <= ADJACENT:
-            self.biases.append(ratio / level if speculated else level / ratio)
+        other = self.latest.get(not speculated)
+        if other is not None and step - self.last[not speculated] <= ADJACENT:
+            self.biases.append(ratio / other if speculated else other / ratio)
             self.bias = statistics.median(self.biases)
         window = self.windows.setdefault(speculated, deque(maxlen=WINDOW))
         window.append(ratio)
         self.medians[speculated] = statistics.median(window)
+        self.latest[speculated] = ratio
         self.last[speculated] = step
 
     def value(self, speculated: bool) -> float:
@@ -128,6 +131,7 @@ class SpecController:
     _accepted: float = 0.0
     _since: int = 0  # steps since the last exploring one
     _exploring: bool = False
+    _preferred_seconds_per_token: float = 0.0  # of the choice an exploring step went against
     allowance_seconds: float = 0.0  # what exploring may still cost
     saved_seconds: float = 0.0  # predicted time speculation saved so far (can go negative)
     enabled: bool = True  # whether the last choice (with proposals to choose from) was k' > 0
@@ -173,13 +177,11 @@ class SpecController:
             # as the target's do, and are measured only while speculating.
             self._scale("draft", b).add(draft_decode_seconds / (draft_forwards * one_draft)
                                         / self._scale_value("target", b, True), True, self._steps)
+        if self._exploring:  # what it took beyond what its tokens cost the preferred way
+            self.allowance_seconds -= seconds - generated * self._preferred_seconds_per_token
         plain = self._plain_seconds(batch_size)
-        if plain is None or not speculated:
-            return
-        without = generated * plain / batch_size  # what the tokens would have cost one per step
-        self.saved_seconds += without - seconds
-        if self._exploring:
-            self.allowance_seconds -= seconds - without
+        if plain is not None and speculated:
+            self.saved_seconds += generated * plain / batch_size - seconds  # tokens one per step, less the time
 
     def _count(self, verified: list[tuple[int, int]]) -> None:
         """One step's (proposals, accepted) per request: a proposal is verified when all
@@ -213,11 +215,15 @@ class SpecController:
             # percent) outweighs what speculating would win.
             best = max(range(most + 1), key=lambda k: (rates[k][0] / rates[k][1] * (1 if k else 1 + MARGIN), -k))
             self._since += 1
-            if best == 0 and self._since * self.max_explore >= 1:
-                k = max(range(1, most + 1), key=lambda k: (rates[k][0] / rates[k][1], -k))
+            if self._since * self.max_explore >= 1:
+                # The other side: the best k' > 0 when none is preferred, else none (so that the
+                # level without proposals is measured too while speculating).
+                k = max(range(1, most + 1), key=lambda k: (rates[k][0] / rates[k][1], -k)) if best == 0 else 0
                 tokens, seconds = rates[k]
-                price = seconds - tokens * rates[0][1] / rates[0][0]
+                preferred = rates[best][1] / rates[best][0]  # seconds per token
+                price = seconds - tokens * preferred
                 if 0 < self.allowance_seconds and price <= self.allowance_seconds:
+                    self._preferred_seconds_per_token = preferred
                     best, self._exploring, self._since = k, True, 0
         self.enabled = best > 0
         self.last_k = best

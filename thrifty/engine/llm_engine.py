@@ -156,24 +156,29 @@ class LLMEngine:
         """The cost-aware switch's table of step times (spec_controller.py): forwards of 1, 2, 4 ..
         requests (up to max_num_seqs, at most CALIBRATION_MAX_BATCH) computing 1, 2 and k + 1
         tokens each, one draft forward of as many tokens for a model draft, and a draft model's
-        prefill (what catching up costs). It takes a second or two at start-up; the engine's own
-        steps then scale it."""
+        prefill (what catching up costs): about a hundred forwards at start-up (a second or two
+        for the default model); the engine's own steps then scale it. (Not for switch
+        "always": it predicts nothing, and its saved-time gauges stay at 0.)"""
         k = self.spec.num_speculative_tokens
-        context = min(CALIBRATION_CONTEXT, self.max_model_len - k - 1)
+        context = max(1, min(CALIBRATION_CONTEXT, self.max_model_len - k - 1))
         b = 1
-        while b <= min(self.config.max_num_seqs, CALIBRATION_MAX_BATCH):
+        fits = True
+        while fits and b <= min(self.config.max_num_seqs, CALIBRATION_MAX_BATCH):
             for q in sorted({1, 2, k + 1}):
                 if b * q > self.config.max_num_batched_tokens:
                     continue
                 seconds = self.runner.time_forward(b, q, context)
-                if seconds is None:
-                    return
+                if seconds is None:  # the KV blocks hold no more: the smaller batch sizes will do
+                    fits = False
+                    break
                 draft = self.runner.time_forward(b, 1, context, draft=True) if (
                     q == 1 and self.runner.drafter is not None) else None
                 self.controller.calibrate(b, q, seconds, draft)
             b *= 2
         if self.runner.drafter is not None and self.runner.drafter.own_cache:
-            self.controller.calibrate_catch_up(self.runner.time_forward(1, context, 0, draft=True, logits=False) / context)
+            seconds = self.runner.time_forward(1, context, 0, draft=True, logits=False)
+            if seconds is not None:
+                self.controller.calibrate_catch_up(seconds / context)
 
     def _load_draft(self, target: LlamaForCausalLM, device: torch.device) -> LlamaForCausalLM:
         """The draft model of speculative_config, checked against the target (from its

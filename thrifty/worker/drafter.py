@@ -89,11 +89,18 @@ class Drafter:
 
     def tokens_behind(self, positions: dict[str, int]) -> int:
         """About how many tokens the draft would catch up on before proposing for these
-        requests (request id -> num_computed_tokens): those past what it last computed (the
-        last round's rejected positions aside)."""
+        requests (request id -> num_computed_tokens): those past what it computed, counting
+        the last round's positions as kept (the accepted ones are those it fed)."""
         if not self.own_cache:
             return 0
-        return sum(max(0, n - self._computed.get(rid, 0)) for rid, n in positions.items())
+        behind = 0
+        for rid, n in positions.items():
+            computed = self._computed.get(rid, 0)
+            fed = self._fed.get(rid)
+            if fed is not None:
+                computed = max(computed, fed[0] + len(fed[1]))
+            behind += max(0, n - computed)
+        return behind
 
     def _valid_prefix(self, s: CachedRequestState) -> int:
         """Positions whose draft KV holds the request's own tokens: all it computed, plus those of

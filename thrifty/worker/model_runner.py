@@ -292,6 +292,8 @@ class ModelRunner:
         for _ in range(repeats + 1):  # the first warms up
             start = time.perf_counter()
             paged.forward(batch, greedy=logits, layers=layers)
+            if self.device.type == "cuda":  # (the kernels run after the call returns)
+                torch.cuda.synchronize(self.device)
             times.append(time.perf_counter() - start)
         return statistics.median(times[1:])
 
