@@ -24,14 +24,20 @@ While it runs without proposals, their acceptance is not measured; now and then 
 k' > 0 anyway (and while it speculates, a step without), so that its estimates follow the
 workload. What that costs is bounded in time: exploring has an allowance that grows by
 `explore_cost` of every step's time and is spent by what each exploring step took beyond what
-its tokens cost at the preferred choice's predicted rate; the switch explores
-only when the allowance covers what the step is predicted to cost, and at most once in
-1/max_explore steps. Steps that prefill are not measured: their time says nothing about decoding.
+its tokens cost at the preferred choice's predicted rate; the switch explores only when the
+allowance covers what the step is predicted to cost, and at most once in 1/max_explore steps.
+The allowance saves up for at most EXPLORE_HORIZON seconds of steps, so that after a long time
+without exploring (while a step with proposals was predicted to cost more than it held) the
+switch does not explore in a burst: over any stretch of time, exploring costs explore_cost of
+it, plus at most that horizon's share, plus the step that found out. It never explores where no
+k' > 0 would pay even if every proposal were accepted (a draft whose forwards cost too much):
+the table says so before any request runs. Steps that prefill are not measured: their time
+says nothing about decoding.
 """
 
 from __future__ import annotations
 
-import statistics
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -40,6 +46,8 @@ MARGIN = 0.03  # the predicted gain below which the switch does not speculate
 ADJACENT = 2  # steps apart within which a step of one mode is compared with the other's scale
 DECAY = 0.93  # per step that verified proposals, the weight earlier acceptance counts keep
 PRIOR = 1.0  # the acceptance prior's weight, in proposals, at rate 1/2
+EXPLORE_HORIZON = 5.0  # the seconds of steps whose allowance for exploring may be saved up
+DECIDE_EVERY = 4  # the steps a choice holds while the batch and its proposals stay the same
 
 
 def bucket(batch_size: int) -> int:
@@ -79,6 +87,12 @@ class _Shape:
         return max(t, 0.0) * batch_size / b0
 
 
+def _median(values: deque[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
 @dataclass
 class _Scale:
     """Measured over tabled seconds at one bucket, for steps with proposals and without: each
@@ -88,32 +102,32 @@ class _Scale:
     most ADJACENT steps before (measurements apart in time would compare the machine at two
     speeds). So when the machine slows down while one mode runs, the other's estimate
     moves with it instead of going stale, and a systematic difference between them (the
-    sampler verifying proposals, a draft catching up) is kept."""
+    sampler verifying proposals, a draft catching up) is kept. (Medians are taken when asked
+    for, not per step: the switch asks every few steps.)"""
 
     windows: dict[bool, deque[float]] = field(default_factory=dict)
-    medians: dict[bool, float] = field(default_factory=dict)  # (kept: every step asks)
     latest: dict[bool, float] = field(default_factory=dict)  # each mode's last ratio
     last: dict[bool, int] = field(default_factory=dict)  # the step each mode was last measured
     biases: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))  # with proposals over without
-    bias: float = 1.0
 
     def add(self, ratio: float, speculated: bool, step: int) -> None:
         other = self.latest.get(not speculated)
         if other is not None and step - self.last[not speculated] <= ADJACENT:
             self.biases.append(ratio / other if speculated else other / ratio)
-            self.bias = statistics.median(self.biases)
-        window = self.windows.setdefault(speculated, deque(maxlen=WINDOW))
+        window = self.windows.get(speculated)
+        if window is None:
+            window = self.windows[speculated] = deque(maxlen=WINDOW)
         window.append(ratio)
-        self.medians[speculated] = statistics.median(window)
         self.latest[speculated] = ratio
         self.last[speculated] = step
 
     def value(self, speculated: bool) -> float:
-        fresher = max(self.last, key=self.last.get)
-        level = self.medians[fresher]
+        fresher = self.last[True] > self.last[False] if len(self.last) == 2 else next(iter(self.last))
+        level = _median(self.windows[fresher])
         if fresher == speculated:
             return level
-        return level * self.bias if speculated else level / self.bias
+        bias = _median(self.biases) if self.biases else 1.0
+        return level * bias if speculated else level / bias
 
 
 @dataclass
@@ -130,6 +144,10 @@ class SpecController:
     _tried: float = 0.0  # proposals verified (decayed counts)
     _accepted: float = 0.0
     _since: int = 0  # steps since the last exploring one
+    _explore_price: float = 0.0  # what exploring was last predicted to cost
+    _plan_key: tuple[int, int, int] | None = None  # the batch and proposals the last decision was for
+    _plan_best: int = 0  # its choice (not an exploring step's)
+    _plan_age: int = 0  # steps it has been used for
     _exploring: bool = False
     _preferred_seconds_per_token: float = 0.0  # of the choice an exploring step went against
     allowance_seconds: float = 0.0  # what exploring may still cost
@@ -160,7 +178,8 @@ class SpecController:
         draft_decode_seconds its `draft_forwards` decoding forwards; it generated `generated`
         tokens; `verified`: (proposals, accepted) per request that had proposals. Only decode
         steps (no prefill) are measured."""
-        self.allowance_seconds += self.explore_cost * seconds
+        self.allowance_seconds = min(self.allowance_seconds + self.explore_cost * seconds,
+                                     self.explore_cost * EXPLORE_HORIZON)
         if verified:
             self._count(verified)
         if not decode or batch_size <= 0 or seconds <= 0:
@@ -171,16 +190,16 @@ class SpecController:
         predicted = self.target.seconds(batch_size, num_tokens / batch_size)
         if predicted:
             self._scale("target", b).add((seconds - draft_seconds) / predicted, speculated, self._steps)
-        one_draft = self.draft.seconds(batch_size, 1)
-        if draft_forwards and one_draft:
+        one_draft = self.draft.seconds(batch_size, 1) if draft_forwards else None
+        if one_draft:
             # Relative to the target's level now: the draft's forwards slow down with the machine
             # as the target's do, and are measured only while speculating.
             self._scale("draft", b).add(draft_decode_seconds / (draft_forwards * one_draft)
                                         / self._scale_value("target", b, True), True, self._steps)
         if self._exploring:  # what it took beyond what its tokens cost the preferred way
             self.allowance_seconds -= seconds - generated * self._preferred_seconds_per_token
-        plain = self._plain_seconds(batch_size)
-        if plain is not None and speculated:
+        plain = self._plain_seconds(batch_size) if speculated else None
+        if plain is not None:
             self.saved_seconds += generated * plain / batch_size - seconds  # tokens one per step, less the time
 
     def _count(self, verified: list[tuple[int, int]]) -> None:
@@ -200,41 +219,67 @@ class SpecController:
         """The next step's k' (the most proposals a request verifies; 0: none), from each
         running request's available proposals (n-gram: those found; a draft: k) and, for a
         draft model, the tokens it would catch up on first (the step with proposals pays them:
-        after a pause, the whole context of every request)."""
+        after a pause, the whole context of every request). A choice holds for up to
+        DECIDE_EVERY steps while the batch and its proposals look the same: the estimates move
+        slowly, and deciding every step cost a few percent of a small batch's step."""
         self._exploring = False
         most = min(max(proposals, default=0), self.num_speculative_tokens)
         if self.always or most == 0:  # (the gauges keep the last choice made)
             if most:
                 self.last_k = most
             return most
-        rates = self._rates(proposals, most, catch_up_tokens * self.catch_up_seconds_per_token)
-        if rates is None:  # not calibrated: nothing to predict with
-            best = 0
+        key = (len(proposals), most, sum(proposals))
+        self._since += 1
+        explore = self._since * self.max_explore >= 1 and self.allowance_seconds >= self._explore_price
+        if not explore and key == self._plan_key and self._plan_age < DECIDE_EVERY:
+            self._plan_age += 1
+            best = self._plan_best
         else:
-            # Proposals must promise a clear gain: in a near tie the prediction's error (a few
-            # percent) outweighs what speculating would win.
-            best = max(range(most + 1), key=lambda k: (rates[k][0] / rates[k][1] * (1 if k else 1 + MARGIN), -k))
-            self._since += 1
-            if self._since * self.max_explore >= 1:
-                # The other side: the best k' > 0 when none is preferred, else none (so that the
-                # level without proposals is measured too while speculating).
-                k = max(range(1, most + 1), key=lambda k: (rates[k][0] / rates[k][1], -k)) if best == 0 else 0
-                tokens, seconds = rates[k]
-                preferred = rates[best][1] / rates[best][0]  # seconds per token
-                price = seconds - tokens * preferred
-                if 0 < self.allowance_seconds and price <= self.allowance_seconds:
-                    self._preferred_seconds_per_token = preferred
-                    best, self._exploring, self._since = k, True, 0
+            best = self._decide(proposals, most, catch_up_tokens, explore)
+            self._plan_key = key
         self.enabled = best > 0
         self.last_k = best
         return best
 
-    def _rates(self, proposals: list[int], most: int, catch_up: float = 0.0) -> list[tuple[float, float]] | None:
+    def _decide(self, proposals: list[int], most: int, catch_up_tokens: int, explore: bool) -> int:
+        """The best k' now (recorded as the plan), or, when exploring is due and affordable,
+        the other side."""
+        self._plan_best, self._plan_age = 0, 1
+        rates = self._rates(proposals, most, catch_up_tokens * self.catch_up_seconds_per_token)
+        if rates is None:  # not calibrated: nothing to predict with
+            return 0
+        # Proposals must promise a clear gain: in a near tie the prediction's error (a few
+        # percent) outweighs what speculating would win.
+        best = self._plan_best = max(range(most + 1),
+                                     key=lambda k: (rates[k][0] / rates[k][1] * (1 if k else 1 + MARGIN), -k))
+        if self._since * self.max_explore >= 1:
+            # The other side: the best k' > 0 when none is preferred, else none (so that the
+            # level without proposals is measured too while speculating).
+            k = max(range(1, most + 1), key=lambda k: (rates[k][0] / rates[k][1], -k)) if best == 0 else 0
+            tokens, seconds = rates[k]
+            preferred = rates[best][1] / rates[best][0]  # seconds per token
+            self._explore_price = seconds - tokens * preferred
+            if best == 0 and not self._could_pay(proposals, most):
+                self._explore_price = math.inf
+            if explore and 0 < self.allowance_seconds and self._explore_price <= self.allowance_seconds:
+                self._preferred_seconds_per_token = preferred
+                best, self._exploring, self._since = k, True, 0
+        return best
+
+    def _could_pay(self, proposals: list[int], most: int) -> bool:
+        """Whether some k' > 0 would beat none if every proposal were accepted (a draft caught
+        up): if not, exploring could only find that it does not pay, which the table says."""
+        rates = self._rates(proposals, most, accept=1.0)
+        return max(t / s for t, s in rates[1:]) > rates[0][0] / rates[0][1] * (1 + MARGIN)
+
+    def _rates(self, proposals: list[int], most: int, catch_up: float = 0.0,
+               accept: float | None = None) -> list[tuple[float, float]] | None:
         """Per k' in 0..most: (predicted tokens, predicted seconds) of the next step: the target
-        computing its tokens, plus for a model draft k' forwards and `catch_up` seconds."""
+        computing its tokens, plus for a model draft k' forwards and `catch_up` seconds; at
+        the measured acceptance rate unless `accept` is given."""
         batch = len(proposals)
         b = bucket(batch)
-        accept = self.acceptance()
+        accept = self.acceptance() if accept is None else accept
         off, on = self._scale_value("target", b, False), self._scale_value("target", b, True)
         one_draft = self.draft.seconds(batch, 1)
         draft = one_draft * on * self._scale_value("draft", b, True) if one_draft else 0.0
@@ -257,7 +302,10 @@ class SpecController:
         return shape * self._scale_value("target", bucket(batch_size), False) if shape else None
 
     def _scale(self, which: str, b: int) -> _Scale:
-        return self._scales.setdefault((which, b), _Scale())
+        scale = self._scales.get((which, b))
+        if scale is None:
+            scale = self._scales[(which, b)] = _Scale()
+        return scale
 
     def _scale_value(self, which: str, b: int, speculated: bool) -> float:
         """The bucket's scale, else the nearest bucket's, else 1 (the table as measured)."""
