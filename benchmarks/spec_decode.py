@@ -8,12 +8,14 @@ EOS). Configurations (--configs): none; each method with the cost-aware switch (
 default; `_cost`) and always on (`_always`): ngram, layer_skip (--skip-layers of the target's
 layers) and draft (a draft model made of --draft-layers of the default model's layers by
 thrifty.model.truncate, the only same-vocabulary draft at hand); none_control, a second engine
-without speculation, measures how much two identical engines in one process differ (the first
-loaded was measured 2-3% faster). All engines are loaded first, in the order given; then, per
-round, each batch size runs every configuration in turn (the order reversed every other round),
-so the ratios compare measurements taken side by side. Batch 1 is --b1-prompts requests one
-after the other (each alone in the engine), interleaved: each prompt on every configuration
-before the next prompt. Prints one JSON line per run and a summary of ratios against none.
+without speculation, measures how much two identical engines in one process differ. All engines
+are loaded first, in the order given. Then, per round, each workload and batch size runs on every
+engine in lockstep: the same requests on each, one engine step of each in turn, the clock
+counting only each engine's own steps, so that the host's noise (which comes and goes over
+seconds to minutes) falls on all alike. Batch 1 is --b1-prompts requests one after the other,
+each alone in every engine. The order is reversed every other round. Prints one JSON line per
+run (with the steps that verified proposals and their seconds, and the decoding alone: the
+steps without prompt tokens) and a summary of ratios against none, end to end and decoding.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import json
 import time
 
 from thrifty import LLM
-from thrifty.bench.throughput import run_throughput
+from thrifty.bench.throughput import make_requests, spec_fields, warm_up
 from thrifty.cpuinfo import cpu_flags_line, cpu_name
+from thrifty.sampling_params import SamplingParams
 
 
 def main() -> None:
@@ -73,11 +76,11 @@ def main() -> None:
             for batch in (1, args.batch):
                 order = list(configs) if rnd % 2 == 0 else list(configs)[::-1]
                 runs: dict[str, list[dict]] = {name: [] for name in order}
-                # Batch 1 interleaves prompt by prompt, so that the machine's noise (minutes
-                # long on a shared host) falls on every configuration alike.
+                # Batch 1 is one prompt after another, each alone in every engine.
                 for i in range(args.b1_prompts if batch == 1 else 1):
-                    for name in order:
-                        runs[name].append(_run(llms[name], workload, batch, 100 * rnd + i, args))
+                    prompts, params = _requests(llms["none"], workload, batch, 100 * rnd + i, args)
+                    for name, run in _lockstep({name: llms[name] for name in order}, prompts, params).items():
+                        runs[name].append(run)
                 for name in order:
                     rows.append({"kind": "spec_decode", "round": rnd, "workload": workload, "batch": batch,
                                  "config": name, **_row(runs[name], llms[name], configs[name] is not None)})
@@ -89,7 +92,7 @@ def main() -> None:
                "input_len": args.input_len, "output_len": args.output_len,
                "switch_table_ms": {name: _table_ms(llms[name]) for name in names if configs[name] is not None
                                    and configs[name]["switch"] == "cost"},
-               "ratios_vs_none": {}}
+               "ratios_vs_none": {}, "decode_ratios_vs_none": {}}
     for r in rows:
         if r["config"] != "none":  # (none_control against none: how much engines differ by themselves)
             base = next(b for b in rows if b["config"] == "none" and b["round"] == r["round"]
@@ -97,6 +100,8 @@ def main() -> None:
             key = f"{r['workload']}:{r['config']}@B{r['batch']}"
             summary["ratios_vs_none"].setdefault(key, []).append(
                 round(r["output_tokens_per_s"] / base["output_tokens_per_s"], 3))
+            summary["decode_ratios_vs_none"].setdefault(key, []).append(
+                round(r["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3))
     print(json.dumps(summary))
     if args.json:
         with open(args.json, "w") as f:
@@ -110,12 +115,51 @@ def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
-def _run(llm: LLM, workload: str, batch: int, seed: int, args) -> dict:
-    """One run: grounded stops at EOS, the others ask for exactly output_len tokens."""
+def _requests(llm: LLM, workload: str, batch: int, seed: int, args) -> tuple[list[dict], list[SamplingParams]]:
+    """grounded stops at EOS, the others ask for exactly output_len tokens; sampled is random
+    prompts at temperature 1."""
     grounded = workload == "grounded"
-    kw = dict(ignore_eos=not grounded, use_tqdm=False, temperature=1.0 if workload == "sampled" else 0.0)
-    workload = "random" if workload == "sampled" else workload
-    return run_throughput(llm, workload, batch, args.input_len, args.output_len, seed=seed, **kw)
+    return make_requests(llm, "random" if workload == "sampled" else workload, batch, args.input_len,
+                         args.output_len, ignore_eos=not grounded, seed=seed,
+                         temperature=1.0 if workload == "sampled" else 0.0)
+
+
+def _lockstep(llms: dict[str, LLM], prompts: list[dict], params: list[SamplingParams]) -> dict[str, dict]:
+    """Every engine serves the same requests, one step of each in turn (the order reversed every
+    turn), and the clock counts only each engine's own steps. The host's noise, which comes and
+    goes over seconds to minutes, then falls on every engine alike."""
+    for llm in llms.values():
+        warm_up(llm, prompts[0])
+        # Every run starts from an empty prefix cache: runs reuse passages, and an engine with
+        # a draft model holds fewer target blocks in the same memory, so fewer would stay cached.
+        llm.reset_prefix_cache()
+        for prompt, sp in zip(prompts, params):
+            llm.llm_engine.add_request(prompt, sp)
+    runs = {name: {"total_output_tokens": 0, "elapsed_s": 0.0, "prefill_s": 0.0, "speculating_steps": 0,
+                   "speculating_s": 0.0, "slowest_step_s": 0.0} for name in llms}
+    active = list(llms)
+    while active:
+        for name in list(active):
+            engine = llms[name].llm_engine
+            drafts = engine.scheduler.spec_stats.num_drafts
+            prompt_tokens = engine.stats.num_prompt_tokens
+            start = time.perf_counter()
+            outputs = engine.step()
+            seconds = time.perf_counter() - start
+            run = runs[name]
+            run["elapsed_s"] += seconds
+            run["total_output_tokens"] += sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
+            run["slowest_step_s"] = max(run["slowest_step_s"], seconds)
+            if engine.stats.num_prompt_tokens > prompt_tokens:  # it computed prompt tokens
+                run["prefill_s"] += seconds
+            if engine.scheduler.spec_stats.num_drafts > drafts:  # it verified proposals
+                run["speculating_steps"] += 1
+                run["speculating_s"] += seconds
+            if not engine.has_unfinished_requests():
+                active.remove(name)
+        active.reverse()
+    return {name: {**runs[name], "num_prompts": len(prompts), **spec_fields(llm.llm_engine)}
+            for name, llm in llms.items()}
 
 
 def _table_ms(llm: LLM) -> dict:
@@ -129,10 +173,16 @@ def _row(runs: list[dict], llm: LLM, speculative: bool) -> dict:
     tokens = sum(r["total_output_tokens"] for r in runs)
     seconds = sum(r["elapsed_s"] for r in runs)
     drafts = sum(r.get("spec_num_draft_tokens", 0) for r in runs)
+    steps = {key: round(sum(r[key] for r in runs), 3) for key in ("prefill_s", "speculating_steps", "speculating_s")}
+    # Decoding alone: the steps without prompt tokens, and the tokens after each request's first
+    # (which its last prefill step samples).
+    decode_tps = (tokens - sum(r["num_prompts"] for r in runs)) / (seconds - steps["prefill_s"])
     accepted = sum(r.get("spec_num_accepted_tokens", 0) for r in runs)
     return {"output_tokens": tokens, "elapsed_s": round(seconds, 3), "output_tokens_per_s": round(tokens / seconds, 2),
+            "decode_tokens_per_s": round(decode_tps, 2),
             "acceptance_rate": round(accepted / drafts, 4) if drafts else None,
-            "acceptance_per_pos": runs[-1].get("spec_acceptance_per_pos"),
+            "acceptance_per_pos": runs[-1].get("spec_acceptance_per_pos"), **steps,
+            "slowest_step_s": round(max(r["slowest_step_s"] for r in runs), 3),
             "switch_estimates": llm.llm_engine.controller.estimates() if speculative else None}
 
 

@@ -120,6 +120,8 @@ def test_shared_prefix_is_computed_once(llm):
     assert all(o.num_cached_tokens >= shared - 16 for o in outs)
     total = sum(len(o.prompt_token_ids) for o in outs)
     assert engine.stats.num_prompt_tokens <= total - 2 * (shared - 16)
+    assert llm.reset_prefix_cache()  # as vLLM's: the cached blocks no request holds are forgotten
+    assert llm.generate(prompts[1], SamplingParams(max_tokens=1), use_tqdm=False)[0].num_cached_tokens == 0
 
 
 def test_seeded_sampling_repeats_regardless_of_batch_mates(llm):
@@ -138,7 +140,7 @@ def test_n_samples_share_prompt_blocks(llm):
     engine = llm.llm_engine
     prompt = PROMPTS[-1]
     n_prompt = len(llm.get_tokenizer().encode(prompt))
-    engine.kv_cache_manager.pool.reset_prefix_cache()
+    assert llm.reset_prefix_cache()
     engine.reset_stats()
     out = llm.generate(prompt, SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=8), use_tqdm=False)[0]
     assert len(out.outputs) == 4 and [c.index for c in out.outputs] == [0, 1, 2, 3]

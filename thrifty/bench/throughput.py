@@ -23,9 +23,11 @@ WORKLOADS = {
 }
 
 
-def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, output_len: int,
-                   ignore_eos: bool = True, seed: int = 0, use_tqdm: bool = True, temperature: float = 0.0) -> dict:
-    """Greedy by default; with a temperature, each request is seeded (seed + its index)."""
+def make_requests(llm: LLM, dataset: str, num_prompts: int, input_len: int, output_len: int,
+                  ignore_eos: bool = True, seed: int = 0, temperature: float = 0.0
+                  ) -> tuple[list[dict], list[SamplingParams]]:
+    """The workload's prompts and their sampling parameters. Greedy by default; with a
+    temperature, each request is seeded (seed + its index)."""
     engine = llm.llm_engine
     tok = engine.tokenizer
     special = set(tok.all_special_ids) | set(engine.eos_token_ids)
@@ -37,14 +39,26 @@ def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, out
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=ignore_eos,
                              seed=seed + i if temperature else None) for i, r in enumerate(requests)]
-    # Warm up allocator and kernels with one tiny request so the clock measures steady work.
-    llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
-    engine.reset_stats()
+    return prompts, params
+
+
+def warm_up(llm: LLM, prompt: dict) -> None:
+    """One tiny request warms allocator and kernels, so the clock measures steady work; then the
+    engine's counters start afresh."""
+    llm.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    llm.llm_engine.reset_stats()
+
+
+def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, output_len: int,
+                   ignore_eos: bool = True, seed: int = 0, use_tqdm: bool = True, temperature: float = 0.0) -> dict:
+    engine = llm.llm_engine
+    prompts, params = make_requests(llm, dataset, num_prompts, input_len, output_len, ignore_eos, seed, temperature)
+    warm_up(llm, prompts[0])
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
     elapsed = time.perf_counter() - start
 
-    num_in = sum(len(r.prompt_token_ids) for r in requests)
+    num_in = sum(len(p["prompt_token_ids"]) for p in prompts)
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     kv = engine.kv_cache_manager
     return {
@@ -65,7 +79,7 @@ def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, out
         "total_output_tokens": num_out,
         "num_steps": engine.stats.num_steps,
         "num_preemptions": engine.make_stats().num_preemptions,
-        **_spec_fields(engine),
+        **spec_fields(engine),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "quantization": engine.config.quantization,
         "quantization_group_size": engine.config.quantization_group_size,
@@ -83,7 +97,7 @@ def run_throughput(llm: LLM, dataset: str, num_prompts: int, input_len: int, out
     }
 
 
-def _spec_fields(engine) -> dict:
+def spec_fields(engine) -> dict:
     if engine.spec is None:
         return {"speculative_config": None}
     spec = engine.scheduler.spec_stats

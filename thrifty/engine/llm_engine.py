@@ -287,6 +287,11 @@ class LLMEngine:
         self.scheduler.num_preemptions = 0
         self.scheduler.spec_stats = SpecDecodeStats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache's entries for blocks no request holds (vLLM's name)."""
+        self.kv_cache_manager.pool.reset_prefix_cache()
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
