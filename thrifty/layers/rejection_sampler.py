@@ -21,7 +21,7 @@ from thrifty.layers.sampler import (
     SamplingInput,
     apply_min_tokens,
     apply_penalties,
-    exponential_noise,
+    draw_from,
     random_probs,
     top_logprobs,
 )
@@ -72,6 +72,5 @@ def _verify_random(probs: torch.Tensor, drafts: list[int], gen: torch.Generator)
 
 
 def _draw(p: torch.Tensor, gen: torch.Generator) -> int:
-    """One token from the (unnormalized) weights p, by the sampler's exponential race."""
-    noise = exponential_noise(torch.Size((1, p.shape[0])), p.device, [gen], gen)
-    return int((p[None] / noise).argmax(dim=-1))
+    """One token from the (unnormalized) weights p, as the sampler draws."""
+    return int(draw_from(p[None], [gen], gen)[0])
