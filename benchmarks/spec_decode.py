@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--configs", default="none,ngram_cost,ngram_always")
     ap.add_argument("--skip-layers", type=int, default=20, help="layer_skip's num_layers")
     ap.add_argument("--draft-layers", type=int, default=12, help="the draft model's layers")
+    ap.add_argument("--draft-quantization", default="int4",
+                    help="the draft model's weights (its truncated copy is written as float)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -56,7 +58,7 @@ def main() -> None:
         method, switch = name.rsplit("_", 1)
         keys = {"ngram": {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5},
                 "layer_skip": {"method": "layer_skip", "num_layers": args.skip_layers},
-                "draft": {"method": "draft_model", "model": draft_dir}}[method]
+                "draft": {"method": "draft_model", "model": draft_dir, "quantization": args.draft_quantization}}[method]
         return {**keys, "num_speculative_tokens": args.k, "switch": switch}
 
     names = args.configs.split(",")
@@ -89,6 +91,7 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d"), "dtype": str(llms["none"].llm_engine.dtype).removeprefix("torch."),
                "quantization": args.quantization, "commit": _commit(),
                "k": args.k, "skip_layers": args.skip_layers, "draft_layers": args.draft_layers,
+               "draft_quantization": args.draft_quantization,
                "input_len": args.input_len, "output_len": args.output_len,
                "switch_table_ms": {name: _table_ms(llms[name]) for name in names if configs[name] is not None
                                    and configs[name]["switch"] == "cost"},

@@ -49,6 +49,8 @@ def test_config_follows_vllm_and_rejects_bad_input():
     assert (c.prompt_lookup_min, c.prompt_lookup_max) == (4, 4)
     c = SpeculativeConfig.parse({"model": "/m", "num_speculative_tokens": 5})  # vLLM infers the method
     assert (c.method, c.model, c.num_speculative_tokens) == ("draft_model", "/m", 5)
+    c = SpeculativeConfig.parse({"model": "/m", "num_speculative_tokens": 2, "quantization": "int4"})
+    assert (c.method, c.quantization) == ("draft_model", "int4")  # the draft's own (vLLM's key)
     c = SpeculativeConfig.parse({"method": "layer_skip", "num_layers": 5, "num_speculative_tokens": 2})
     assert c.draft_layers(30) == [0, 1, 2, 28, 29]  # the first and the last, the middle skipped
     with pytest.raises(ValueError, match="fewer than the target's 4 layers"):
@@ -58,6 +60,9 @@ def test_config_follows_vllm_and_rejects_bad_input():
         ({"method": "ngram", "num_speculative_tokens": 3, "draft": "x"}, "unknown key"),
         ({"method": "draft_model", "num_speculative_tokens": 3}, "needs \"model\""),
         ({"method": "ngram", "num_speculative_tokens": 3, "model": "x"}, "'model' is for method 'draft_model'"),
+        ({"method": "ngram", "num_speculative_tokens": 3, "quantization": "int4"},
+         "'quantization' is for method 'draft_model'"),
+        ({"model": "x", "num_speculative_tokens": 3, "quantization": "int3"}, "quantization must be one of"),
         ({"method": "layer_skip", "num_speculative_tokens": 3}, "needs \"num_layers\""),
         ({"method": "layer_skip", "num_speculative_tokens": 3, "num_layers": 0}, "needs \"num_layers\""),
         ({"method": "draft_model", "model": "x", "num_speculative_tokens": 3, "prompt_lookup_max": 3},
@@ -432,6 +437,20 @@ def test_cost_switch_measures_its_table_at_start_up_and_keeps_greedy_tokens(spec
     # The draft is behind by every token of a request it has not drafted for.
     drafter = llm.llm_engine.runner.drafter
     assert drafter.tokens_behind({"never-drafted": 37}) == 37
+    # "auto", the target's setting: a float draft stays float.
+    assert drafter.model.weight_bytes >= 0.95 * 4 * drafter.model.model.config.num_params  # float32 here
+
+
+def test_a_draft_model_is_quantized_as_its_config_asks(spec_configs):
+    from thrifty import LLM
+
+    llm = LLM(kv_cache_memory=0.05, max_model_len=512, max_num_seqs=2,
+              speculative_config={**spec_configs["draft_model"], "quantization": "int4"})
+    draft = llm.llm_engine.runner.drafter.model
+    assert llm.llm_engine.dtype == torch.bfloat16
+    # 4-bit matmuls (and an int8 head) instead of bf16: well under half the bytes the float
+    # draft's parameters take (measured 42%, the float embedding table included).
+    assert draft.weight_bytes < 0.5 * 2 * draft.model.config.num_params
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8")
 # Speculative decoding (docs/speculative.md): who proposes (thrifty/core/ngram_proposer.py,
 # thrifty/worker/drafter.py), who verifies (thrifty/layers/rejection_sampler.py).
 SPEC_METHODS = ("ngram", "draft_model", "layer_skip")
-_SPEC_METHOD_KEYS = {"ngram": ("prompt_lookup_min", "prompt_lookup_max"), "draft_model": ("model",),
+_SPEC_METHOD_KEYS = {"ngram": ("prompt_lookup_min", "prompt_lookup_max"), "draft_model": ("model", "quantization"),
                      "layer_skip": ("num_layers",)}
 MAX_SPEC_TOKENS = 32  # vLLM's MAX_SPEC_LEN
 SPEC_SWITCHES = ("cost", "always")
@@ -40,7 +40,8 @@ class SpeculativeConfig:
     """vLLM's --speculative-config:
     - {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
     - {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4} (the method may be
-      left out when a model is given, as in vLLM)
+      left out when a model is given, as in vLLM); "quantization" (EngineConfig's values) is the
+      draft's, by default the target's setting (so "auto": a GGUF draft's own, else none)
     - {"method": "layer_skip", "num_layers": 20, "num_speculative_tokens": 4}: thrifty's self-draft,
       num_layers of the target's layers (the middle ones skipped) and its head.
     `switch` is thrifty's: "cost" (default) verifies, each step, as many proposals (0 to k) as the
@@ -52,6 +53,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 0  # ngram
     prompt_lookup_max: int = 0
     model: str | None = None  # draft_model
+    quantization: str | None = None  # draft_model: its weights' (None: as the target's setting)
     num_layers: int | None = None  # layer_skip
     switch: str = "cost"
 
@@ -86,7 +88,11 @@ class SpeculativeConfig:
             model = value.get("model")
             if not isinstance(model, str) or not model:
                 raise ValueError("speculative_config: method 'draft_model' needs \"model\": the draft's path")
-            return cls(method, k, model=model, switch=switch)
+            quantization = value.get("quantization")
+            if quantization is not None and quantization not in QUANTIZATIONS:
+                raise ValueError(f"speculative_config: quantization must be one of {QUANTIZATIONS}, got "
+                                 f"{quantization!r}")
+            return cls(method, k, model=model, quantization=quantization, switch=switch)
         if method == "layer_skip":
             n = value.get("num_layers")
             if not _is_int(n) or n < 1:

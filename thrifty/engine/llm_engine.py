@@ -190,7 +190,7 @@ class LLMEngine:
             raise ValueError(f"speculative_config: draft {e}") from None
         if source.kind != "gguf":
             self._check_draft(ModelArchConfig.from_hf(load_hf_config(source)), target.config)
-        draft = load_model(source, self.dtype, device, config.seed, config.quantization,
+        draft = load_model(source, self.dtype, device, config.seed, self.spec.quantization or config.quantization,
                            config.quantization_group_size)
         self._check_draft(draft.config, target.config)
         if load_tokenizer(source).get_vocab() != self.tokenizer.get_vocab():
