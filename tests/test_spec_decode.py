@@ -233,6 +233,27 @@ def test_switch_does_not_explore_in_a_burst_after_a_long_time_without_proposals(
     assert 0 < excess <= 0.01 * (total + EXPLORE_HORIZON) + _step_time(1, 5, fixed, per_token)
 
 
+def test_switch_tries_a_draft_whose_catching_up_costs_more_than_the_allowance_saves():
+    """A draft model that could pay (a cheap forward) but must first catch up on a long prompt
+    (0.2 s, more than the 5 s horizon's 1%): the switch still tries it, when its allowance is
+    full, and repays the excess before the next try, so that exploring stays near 1% of the time."""
+    fixed, per_token, draft = 0.004, 0.001, 0.0005
+    c = _switch(4, fixed, per_token, draft=draft)
+    c.calibrate_catch_up(0.0002)
+    plain = _step_time(1, 1, fixed, per_token)
+    total = excess = 0.0
+    explored = 0
+    for _ in range(20000):
+        k = c.choose([4], catch_up_tokens=1000)
+        catch_up = 0.2 if k else 0.0
+        seconds = _step_time(1, 1 + k, fixed, per_token) + k * draft + catch_up
+        c.observe(1, 1 + k, seconds, 1, [(k, 0)] if k else [], k * draft + catch_up, k * draft, k)
+        total += seconds
+        excess += seconds - plain
+        explored += k > 0
+    assert explored >= 2 and excess <= 0.01 * total + 0.05 + 0.25
+
+
 # -- the rejection sampler ------------------------------------------------------------------------
 def _chi2(counts: list[int], probs: list[float]) -> float:
     n = sum(counts)

@@ -29,7 +29,8 @@ allowance covers what the step is predicted to cost, and at most once in 1/max_e
 The allowance saves up for at most EXPLORE_HORIZON seconds of steps, so that after a long time
 without exploring (while a step with proposals was predicted to cost more than it held) the
 switch does not explore in a burst: over any stretch of time, exploring costs explore_cost of
-it, plus at most that horizon's share, plus the step that found out. It never explores where no
+it, plus at most that horizon's share, plus the step that found out. A step dearer than that
+share is tried when the allowance is full, which it then owes. It never explores where no
 k' > 0 would pay even if every proposal were accepted (a draft whose forwards cost too much):
 the table says so before any request runs. Steps that prefill are not measured: their time
 says nothing about decoding.
@@ -230,7 +231,7 @@ class SpecController:
             return most
         key = (len(proposals), most, sum(proposals))
         self._since += 1
-        explore = self._since * self.max_explore >= 1 and self.allowance_seconds >= self._explore_price
+        explore = self._since * self.max_explore >= 1 and self._affordable()
         if not explore and key == self._plan_key and self._plan_age < DECIDE_EVERY:
             self._plan_age += 1
             best = self._plan_best
@@ -261,10 +262,20 @@ class SpecController:
             self._explore_price = seconds - tokens * preferred
             if best == 0 and not self._could_pay(proposals, most):
                 self._explore_price = math.inf
-            if explore and 0 < self.allowance_seconds and self._explore_price <= self.allowance_seconds:
+            if explore and self._affordable():
                 self._preferred_seconds_per_token = preferred
                 best, self._exploring, self._since = k, True, 0
         return best
+
+    def _affordable(self) -> bool:
+        """Whether the allowance covers exploring's price, or is full (saved up to the horizon)
+        and the price finite: a step dearer than the horizon's share (a draft catching up on a
+        long prompt) is then tried once, and the allowance, gone negative, is repaid before the
+        next, so that such a draft is found out too, at the same 1% of the time."""
+        if self.allowance_seconds <= 0:
+            return False
+        full = self.allowance_seconds >= self.explore_cost * EXPLORE_HORIZON * (1 - 1e-9)
+        return self._explore_price <= self.allowance_seconds or (full and math.isfinite(self._explore_price))
 
     def _could_pay(self, proposals: list[int], most: int) -> bool:
         """Whether some k' > 0 would beat none if every proposal were accepted (a draft caught
