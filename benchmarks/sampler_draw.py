@@ -17,7 +17,7 @@ import json
 import time
 
 import torch
-from spec_decode import _lockstep, _requests
+from spec_decode import lockstep, workload_requests
 
 from thrifty import LLM, SamplingParams
 from thrifty.cpuinfo import cpu_flags_line, cpu_name
@@ -57,9 +57,9 @@ def main() -> None:
         llm.llm_engine.step = _with_draw(race if name == "race" else draw, llm.llm_engine.step, draw)
     rows = []
     for rnd in range(args.rounds):
-        prompts, params = _requests(llms["draw"], "sampled", args.batch, rnd, args)
+        prompts, params = workload_requests(llms["draw"], "sampled", args.batch, rnd, args)
         order = ["draw", "race"] if rnd % 2 == 0 else ["race", "draw"]
-        runs = _lockstep({name: llms[name] for name in order}, prompts, params)
+        runs = lockstep({name: llms[name] for name in order}, prompts, params)
         for name in order:
             run = runs[name]
             rows.append({"kind": "sampler_draw", "round": rnd, "config": name, "batch": args.batch,

@@ -80,8 +80,8 @@ def main() -> None:
                 runs: dict[str, list[dict]] = {name: [] for name in order}
                 # Batch 1 is one prompt after another, each alone in every engine.
                 for i in range(args.b1_prompts if batch == 1 else 1):
-                    prompts, params = _requests(llms["none"], workload, batch, 100 * rnd + i, args)
-                    for name, run in _lockstep({name: llms[name] for name in order}, prompts, params).items():
+                    prompts, params = workload_requests(llms["none"], workload, batch, 100 * rnd + i, args)
+                    for name, run in lockstep({name: llms[name] for name in order}, prompts, params).items():
                         runs[name].append(run)
                 for name in order:
                     rows.append({"kind": "spec_decode", "round": rnd, "workload": workload, "batch": batch,
@@ -118,7 +118,7 @@ def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
-def _requests(llm: LLM, workload: str, batch: int, seed: int, args) -> tuple[list[dict], list[SamplingParams]]:
+def workload_requests(llm: LLM, workload: str, batch: int, seed: int, args) -> tuple[list[dict], list[SamplingParams]]:
     """grounded stops at EOS, the others ask for exactly output_len tokens; sampled is random
     prompts at temperature 1."""
     grounded = workload == "grounded"
@@ -127,7 +127,7 @@ def _requests(llm: LLM, workload: str, batch: int, seed: int, args) -> tuple[lis
                          temperature=1.0 if workload == "sampled" else 0.0)
 
 
-def _lockstep(llms: dict[str, LLM], prompts: list[dict], params: list[SamplingParams]) -> dict[str, dict]:
+def lockstep(llms: dict[str, LLM], prompts: list[dict], params: list[SamplingParams]) -> dict[str, dict]:
     """Every engine serves the same requests, one step of each in turn (the order reversed every
     turn), and the clock counts only each engine's own steps. The host's noise, which comes and
     goes over seconds to minutes, then falls on every engine alike."""

@@ -465,13 +465,12 @@ def test_cost_switch_measures_its_table_at_start_up_and_keeps_greedy_tokens(spec
 def test_a_draft_model_is_quantized_as_its_config_asks(spec_configs):
     from thrifty import LLM
 
-    llm = LLM(kv_cache_memory=0.05, max_model_len=512, max_num_seqs=2,
+    llm = LLM(dtype="float32", kv_cache_memory=0.05, max_model_len=512, max_num_seqs=2,
               speculative_config={**spec_configs["draft_model"], "quantization": "int4"})
     draft = llm.llm_engine.runner.drafter.model
-    assert llm.llm_engine.dtype == torch.bfloat16
-    # 4-bit matmuls (and an int8 head) instead of bf16: well under half the bytes the float
-    # draft's parameters take (measured 42%, the float embedding table included).
-    assert draft.weight_bytes < 0.5 * 2 * draft.model.config.num_params
+    # 4-bit matmuls (and an int8 head) instead of float32: well under half the bytes the float
+    # draft's parameters take (measured 21%; 42% of bf16 ones, on a CPU with bf16).
+    assert draft.weight_bytes < 0.5 * 4 * draft.model.config.num_params
 
 
 @pytest.mark.slow

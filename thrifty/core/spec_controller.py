@@ -274,7 +274,7 @@ class SpecController:
         next, so that such a draft is found out too, at the same 1% of the time."""
         if self.allowance_seconds <= 0:
             return False
-        full = self.allowance_seconds >= self.explore_cost * EXPLORE_HORIZON * (1 - 1e-9)
+        full = self.allowance_seconds >= self.explore_cost * EXPLORE_HORIZON  # (observe caps it at exactly that)
         return self._explore_price <= self.allowance_seconds or (full and math.isfinite(self._explore_price))
 
     def _could_pay(self, proposals: list[int], most: int) -> bool:
