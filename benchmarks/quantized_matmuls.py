@@ -4,6 +4,9 @@ precision's packed weights streamed from memory, best of 5 passes, repeated roun
 
     .venv/bin/python benchmarks/quantized_matmuls.py --json docs/results/quantized_matmuls_zen4.json
 
+--rows 1,4,5 measures those row counts too (a speculative verify step of k = 4 is 5 rows);
+THRIFTY_NATIVE_LIB=PATH runs another build of the kernels, for an A/B of two builds.
+
 Separates the kernels' speed from the rest of a step (attention, norms, the runner) that
 benchmarks/precisions.py measures with them.
 """
@@ -39,6 +42,7 @@ def pack(kind: str, w, gate_up: bool):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rows", default="1", help="comma-separated row counts")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -58,9 +62,8 @@ def main() -> None:
                 layers[kind].append((name, n, k, pack(kind, w, name == "gate_up")))
     head_w = torch.randn(VOCAB, HIDDEN) * 0.05
     heads = {"bf16": pack("bf16", head_w, False), "int8": pack("int8", head_w, False)}
-    x, xi = torch.randn(1, HIDDEN).bfloat16(), torch.randn(1, INTER).bfloat16()
 
-    def layer_pass(kind: str) -> float:
+    def layer_pass(kind: str, x, xi) -> float:
         start = time.perf_counter()
         for name, n, k, p in layers[kind]:
             if name == "gate_up":
@@ -69,7 +72,7 @@ def main() -> None:
                 torch.ops.thrifty.linear(x if k == HIDDEN else xi, p, None, n)
         return time.perf_counter() - start
 
-    def head_pass(kind: str) -> float:
+    def head_pass(kind: str, x) -> float:
         start = time.perf_counter()
         torch.ops.thrifty.linear(x, heads[kind], None, VOCAB, True)
         return time.perf_counter() - start
@@ -77,16 +80,18 @@ def main() -> None:
     nbytes = {k: sum(p.numel() * p.element_size() for *_, p in layers[k]) for k in KINDS}
     rows = []
     for rnd in range(args.rounds):
-        order = KINDS if rnd % 2 == 0 else KINDS[::-1]
-        ms = {k: min(layer_pass(k) for _ in range(5)) * 1e3 for k in order}
-        head_ms = {k: min(head_pass(k) for _ in range(5)) * 1e3 for k in heads}
-        row = {"round": rnd + 1, "layers_ms": {k: round(v, 3) for k, v in ms.items()},
-               "layers_vs_bf16": {k: round(ms["bf16"] / v, 3) for k, v in ms.items()},
-               "layers_gb_per_s": {k: round(nbytes[k] / ms[k] / 1e6, 1) for k in KINDS},
-               "head_ms": {k: round(v, 3) for k, v in head_ms.items()}, "layer_bytes": nbytes,
-               "threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_flags": cpu_flags_line()}
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "cpu_flags"}), flush=True)
+        for m in (int(r) for r in args.rows.split(",")):
+            x, xi = torch.randn(m, HIDDEN).bfloat16(), torch.randn(m, INTER).bfloat16()
+            order = KINDS if rnd % 2 == 0 else KINDS[::-1]
+            ms = {k: min(layer_pass(k, x, xi) for _ in range(5)) * 1e3 for k in order}
+            head_ms = {k: min(head_pass(k, x) for _ in range(5)) * 1e3 for k in heads}
+            row = {"round": rnd + 1, "rows": m, "layers_ms": {k: round(v, 3) for k, v in ms.items()},
+                   "layers_vs_bf16": {k: round(ms["bf16"] / v, 3) for k, v in ms.items()},
+                   "layers_gb_per_s": {k: round(nbytes[k] / ms[k] / 1e6, 1) for k in KINDS},
+                   "head_ms": {k: round(v, 3) for k, v in head_ms.items()}, "layer_bytes": nbytes,
+                   "threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_flags": cpu_flags_line()}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "cpu_flags"}), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

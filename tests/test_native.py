@@ -72,7 +72,7 @@ QUANTIZED_CASES = [("int8", 32), ("int4", 32), ("int4", 64)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 70])  # 8 on: dequantized panels, float kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 70])  # 8 on: dequantized panels, float kernels
 @pytest.mark.parametrize("n, k", [(16, 64), (40, 128), (200, 192)])
 @pytest.mark.parametrize("method, group", QUANTIZED_CASES)
 def test_quantized_linear_matches_exact(method, group, n, k, rows, dtype):
@@ -103,7 +103,7 @@ def test_quantized_linear_matches_exact(method, group, n, k, rows, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("rows", [1, 3, 5, 9])
 @pytest.mark.parametrize("method, group", QUANTIZED_CASES)
 def test_quantized_gate_up_with_silu_epilogue_matches_matmul_then_silu(method, group, rows, dtype):
     from thrifty.model.quantization import interleave_gate_up, pack_quantized
@@ -117,6 +117,23 @@ def test_quantized_gate_up_with_silu_epilogue_matches_matmul_then_silu(method, g
     got = torch.ops.thrifty.linear_silu_mul(x, packed, inter)
     assert within_ulps(got, ref.double(), 1, floor=1e-2) if dtype == torch.bfloat16 else \
         torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method, group", QUANTIZED_CASES)
+def test_quantized_rows_are_what_each_row_gives_alone(method, group, dtype):
+    """Below the dequantizing threshold, tiles of 1 to 5 rows: each row's output is bit for bit
+    the one it gets alone, whatever tile it shares, which is what lets a speculative verify
+    step of k + 1 tokens give exactly the tokens of k + 1 one-token steps."""
+    from thrifty.model.quantization import pack_quantized
+
+    n, k = 200, 192
+    w = _quantized(method, n, k, group, seed=5)
+    packed = pack_quantized(w)
+    x = torch.randn(7, k).to(dtype)
+    alone = torch.cat([torch.ops.thrifty.linear(x[i:i + 1], packed, None, n) for i in range(7)])
+    for rows in range(2, 8):
+        assert torch.equal(torch.ops.thrifty.linear(x[:rows], packed, None, n), alone[:rows]), rows
 
 
 def test_quantized_linear_rejects_bad_weights():

@@ -19,6 +19,11 @@ namespace {
 constexpr int S = int(kPanel) / FVec::N;  // vectors per panel
 constexpr int MR = 4;                     // rows per tile
 constexpr int NR = 4;                     // panels per tile
+// Quantized tiles decode each chunk of weights once for all their rows, so they take one row more
+// than float tiles: a speculative verify step of 5 tokens is then one tile, not a 4-row and a
+// 1-row one that decode every weight twice. 5 rows x 2 panels fit both sets of accumulators
+// (and, for int4, the decoded weights and the table) in the 32 AVX-512 registers.
+constexpr int MR_QUANT = 5;
 // One or two rows (decoding alone, or nearly) are bound by streaming the weights: tiles of 8
 // panels, and one contiguous run of panels per thread, which streamed the fastest of the layouts
 // tried (docs/native.md, Matmuls).
@@ -39,6 +44,7 @@ struct Tile {
   const float* bias;  // at the tile's first column, or null
   TOut* y;  // the tile's first output
   int64_t ldy;
+  const float* x_sums;  // quantized with mins: row m's sum of x over group g at x_sums[m * K / group + g]
   int64_t n_valid;  // columns of the tile's output inside the matrix
   bool round_bf16;
   bool silu_mul;  // the panels are (gate, up) pairs and the tile stores SiLU(gate) * up
@@ -191,14 +197,7 @@ template <int M, int P, typename T, typename TOut>
 inline void add_scaled_group(FVec (&acc)[M][P][S], const FVec (&sums)[M][P][S], const uint8_t* group,
                              const Tile<T, TOut>& t, int64_t k0) {
   const PackedLinear& w = *t.lin;
-  float x_sums[M];
-  if (w.has_min) {
-    for (int m = 0; m < M; ++m) {
-      FVec sum = FVec::zero();
-      for (int64_t k = k0; k < k0 + w.group; k += FVec::N) sum = sum + FVec::load(t.x + m * t.ldx + k);
-      x_sums[m] = sum.reduce_add();
-    }
-  }
+  const int64_t groups = t.K / w.group, g = k0 / w.group;
   for (int j = 0; j < P; ++j) {
     const uint8_t* scales = group + j * t.pstride + w.quant_bytes();
     for (int s = 0; s < S; ++s) {
@@ -206,7 +205,7 @@ inline void add_scaled_group(FVec (&acc)[M][P][S], const FVec (&sums)[M][P][S], 
       for (int m = 0; m < M; ++m) acc[m][j][s] = FVec::fma(sums[m][j][s], d, acc[m][j][s]);
       if (w.has_min) {
         const FVec mins = load_fp16(scales + (kPanel + s * FVec::N) * 2);
-        for (int m = 0; m < M; ++m) acc[m][j][s] = FVec::fma(FVec(x_sums[m]), mins, acc[m][j][s]);
+        for (int m = 0; m < M; ++m) acc[m][j][s] = FVec::fma(FVec(t.x_sums[m * groups + g]), mins, acc[m][j][s]);
       }
     }
   }
@@ -365,6 +364,37 @@ TileFn<T, TOut> pick(int64_t rows, int64_t panels) {
   }
 }
 
+// Quantized tiles: up to MR_QUANT rows; from 3 rows on, at most 2 panels (quantized_panels).
+template <template <int, int> class Kernel, typename T, typename TOut>
+TileFn<T, TOut> pick_quantized(int64_t rows, int64_t panels) {
+  static_assert(MR_QUANT == 5, "one case per row count");
+  if (rows <= 2) return pick<Kernel, T, TOut>(rows, panels);
+  const bool one = panels == 1;
+  switch (rows) {
+    case 3: return one ? &Kernel<3, 1>::template run<T, TOut> : &Kernel<3, 2>::template run<T, TOut>;
+    case 4: return one ? &Kernel<4, 1>::template run<T, TOut> : &Kernel<4, 2>::template run<T, TOut>;
+    default: return one ? &Kernel<5, 1>::template run<T, TOut> : &Kernel<5, 2>::template run<T, TOut>;
+  }
+}
+
+// Panels per quantized tile of `rows` rows: quantized tiles keep a second set of accumulators (a
+// group's sums), so fewer panels than float tiles, so that both sets stay in registers. Always
+// even, for gate/up pairs.
+int64_t quantized_panels(int64_t rows) { return rows == 1 ? 8 : rows == 2 ? 4 : 2; }
+
+// Each row's sums of x over each group of k, which the mins of every panel multiply: computed
+// once per matmul, not once per tile.
+template <typename T>
+void sum_groups(const T* x, int64_t M, int64_t ldx, int64_t K, int64_t group, std::vector<float>& out) {
+  out.resize(size_t(M * (K / group)));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k0 = 0; k0 < K; k0 += group) {
+      FVec sum = FVec::zero();
+      for (int64_t k = k0; k < k0 + group; k += FVec::N) sum = sum + FVec::load(x + m * ldx + k);
+      out[size_t(m * (K / group) + k0 / group)] = sum.reduce_add();
+    }
+}
+
 // From this many rows on, a quantized matmul is bound by multiply-adds, which the float kernels
 // do faster than the quantized ones (vdpbf16ps, no per-group sums): each thread dequantizes a
 // run of panels into a scratch that stays in L2 and runs the float kernel over every row.
@@ -398,6 +428,11 @@ void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinea
   const int64_t chunks = std::min(cdiv(panels, nr), std::max<int64_t>(1, cdiv(per_thread * team.nth, row_blocks)));
   const int64_t chunk_panels = cdiv(cdiv(panels, chunks), nr) * nr;
   const int64_t num_chunks = cdiv(panels, chunk_panels);
+  const bool quantized = w.is_quantized() && !dequantize;  // tiles of the quantized kernel
+  const int64_t tile_rows = quantized ? MR_QUANT : MR;
+  // Every thread sums the groups of all M rows itself (a few hundred vector adds): no barrier.
+  thread_local std::vector<float> x_sums;
+  if (quantized && w.has_min) sum_groups(x, M, ldx, w.K, w.group, x_sums);
   team.for_each(row_blocks * num_chunks, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<T> scratch;  // dequantized panels
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -413,12 +448,9 @@ void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinea
           block = reinterpret_cast<const uint8_t*>(scratch.data());
           block_stride = w.K * kPanel * int64_t(sizeof(T));
         }
-        for (int64_t m = m0; m < m1; m += MR) {
-          const int64_t nm = std::min<int64_t>(MR, m1 - m);
-          // Quantized tiles keep a second set of accumulators (a group's sums): fewer panels,
-          // so that both sets stay in registers. Always even, for gate/up pairs.
-          const bool quantized = w.is_quantized() && !dequantize;
-          const int64_t tile_nr = quantized ? (nm == 1 ? 8 : nm == 2 ? 4 : 2) : nr;
+        for (int64_t m = m0; m < m1; m += tile_rows) {
+          const int64_t nm = std::min<int64_t>(tile_rows, m1 - m);
+          const int64_t tile_nr = quantized ? quantized_panels(nm) : nr;
           for (int64_t p = pb; p < pe; p += tile_nr) {
             const int64_t np = std::min(tile_nr, pe - p);
             const int64_t col = silu_mul_cols ? p / 2 * kPanel : p * kPanel;  // the tile's first output
@@ -426,8 +458,9 @@ void run_tiles(Team& team, const T* x, int64_t M, int64_t ldx, const PackedLinea
                                                : std::min(np * kPanel, w.N - col);
             Tile<T, TOut> tile{x + m * ldx, ldx, block + (p - pb) * block_stride, block_stride, w.K, &w,
                                bias ? bias + p * kPanel : nullptr, y + m * ldy + col, ldy,
+                               quantized && w.has_min ? x_sums.data() + m * (w.K / w.group) : nullptr,
                                cols, round_bf16, silu_mul_cols > 0};
-            (quantized ? pick<Kernel, T, TOut>(nm, np) : pick<FloatKernel, T, TOut>(nm, np))(tile);
+            (quantized ? pick_quantized<Kernel, T, TOut>(nm, np) : pick<FloatKernel, T, TOut>(nm, np))(tile);
           }
         }
       }
