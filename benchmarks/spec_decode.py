@@ -127,16 +127,18 @@ def workload_requests(llm: LLM, workload: str, batch: int, seed: int, args) -> t
                          temperature=1.0 if workload == "sampled" else 0.0)
 
 
-def lockstep(llms: dict[str, LLM], prompts: list[dict], params: list[SamplingParams]) -> dict[str, dict]:
-    """Every engine serves the same requests, one step of each in turn (the order reversed every
-    turn), and the clock counts only each engine's own steps. The host's noise, which comes and
-    goes over seconds to minutes, then falls on every engine alike."""
-    for llm in llms.values():
+def lockstep(llms: dict[str, LLM], prompts: list[dict],
+             params: list[SamplingParams] | dict[str, list[SamplingParams]]) -> dict[str, dict]:
+    """Every engine serves the same requests (with the same parameters, or each engine its own),
+    one step of each in turn (the order reversed every turn), and the clock counts only each
+    engine's own steps. The host's noise, which comes and goes over seconds to minutes, then falls
+    on every engine alike."""
+    for name, llm in llms.items():
         warm_up(llm, prompts[0])
         # Every run starts from an empty prefix cache: runs reuse passages, and an engine with
         # a draft model holds fewer target blocks in the same memory, so fewer would stay cached.
         llm.reset_prefix_cache()
-        for prompt, sp in zip(prompts, params):
+        for prompt, sp in zip(prompts, params[name] if isinstance(params, dict) else params):
             llm.llm_engine.add_request(prompt, sp)
     runs = {name: {"total_output_tokens": 0, "elapsed_s": 0.0, "prefill_s": 0.0, "speculating_steps": 0,
                    "speculating_s": 0.0, "slowest_step_s": 0.0} for name in llms}

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import re
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import httpx2 as httpx
+import jsonschema
 import openai
 import pytest
 from conftest import PROMPTS, Server
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ConfigDict, Field
 
 from thrifty import SamplingParams
 
@@ -251,8 +256,27 @@ def test_tokenize_detokenize(server, llm):
     ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {"prompt": [10 ** 7]}, 400, "prompt", "vocabulary"),
     ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "required"),
-    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format",
-     "not supported"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "xml"}}, 400, "response_format",
+     "unknown type 'xml'"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema"}}, 400, "response_format",
+     "needs a json_schema"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}}, 400, "response_format",
+     "objectx"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": "[a-"}}, 400, "structured_outputs",
+     "regex"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"choice": []}}, 400, "structured_outputs",
+     "non-empty list"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"jsn": {}}}, 400, "structured_outputs",
+     "unknown field"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": "a", "choice": ["a"]}}, 400,
+     "structured_outputs", "exactly one"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"grammar": "root ::= ("}}, 400,
+     "structured_outputs", "grammar"),
+    ("/v1/completions", {"prompt": "hi", "guided_regex": "a+", "response_format": {"type": "json_object"}}, 400,
+     "guided_regex", "structured_outputs is the current field"),
+    ("/v1/completions", {"prompt": "hi", "guided_choice": ["a"], "ignore_eos": True}, 400, "ignore_eos",
+     "structured_outputs"),
     ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "model", "does not exist"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "list"),
@@ -335,7 +359,8 @@ def test_metrics_names_and_counts(server, client, model):
 
 def test_cost_charged_to_requests_idle_and_per_key(server, model):
     """Per-request cost_usd sums to the growth of thrifty:cost_usd_total; busy + idle cost is
-    elapsed time x price; tokens and cost are counted per API key name."""
+    elapsed time x price (with grammars compiled outside the steps, which their requests pay);
+    tokens and cost are counted per API key name."""
     def clients(key):
         return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
 
@@ -349,7 +374,9 @@ def test_cost_charged_to_requests_idle_and_per_key(server, model):
             chunks = list(c.completions.create(model=model, prompt=f"Item {i}:", max_tokens=4 + i, temperature=0,
                                                stream=True, stream_options={"include_usage": True}))
             return i % 2, chunks[-1].usage
-        return i % 2, c.completions.create(model=model, prompt=f"Item {i}:", max_tokens=4 + i, temperature=0).usage
+        grammar = {"structured_outputs": {"regex": f"item {time.time_ns()}-[0-9]{{2}}"}} if i % 4 == 1 else None
+        return i % 2, c.completions.create(model=model, prompt=f"Item {i}:", max_tokens=4 + i, temperature=0,
+                                           extra_body=grammar).usage
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -358,6 +385,7 @@ def test_cost_charged_to_requests_idle_and_per_key(server, model):
     m1 = wait_idle(server)
     time.sleep(0.3)
     m2, t2 = metrics(server), time.monotonic()
+    assert m2["thrifty:structured_output_compile_seconds_total"] > m0["thrifty:structured_output_compile_seconds_total"]
     costs = [u.cost_usd for _, u in usages]
     assert all(c > 0 for c in costs)
     assert sum(costs) == pytest.approx(m1["thrifty:cost_usd_total"] - m0["thrifty:cost_usd_total"], rel=1e-9)
@@ -391,6 +419,103 @@ def test_load_200_streams_with_disconnects_and_malformed_bursts(server):
     assert result["health_checks"] > 0 and result["health_not_200"] == 0
     m = wait_idle(server)
     assert (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"], m["vllm:kv_cache_usage_perc"]) == (0, 0, 0)
+
+
+# -- structured output ---------------------------------------------------------------------------
+class Strict(BaseModel):
+    # additionalProperties: false, as parse() sends every model (a schema that allows other keys
+    # lets a sampled answer run on with keys of its own)
+    model_config = ConfigDict(extra="forbid")
+
+
+class Person(Strict):
+    name: str = Field(max_length=24)
+    age: int = Field(ge=0, le=120)
+    role: Literal["admin", "user", "guest"]
+
+
+class Item(Strict):
+    sku: str = Field(max_length=12)
+    qty: int = Field(ge=1, le=9)
+
+
+class Order(Strict):
+    id: int = Field(ge=1, le=99999)
+    items: list[Item] = Field(min_length=1, max_length=3)
+    total: float = Field(ge=0, le=1000)
+    paid: bool
+
+
+class Team(Strict):
+    name: str = Field(max_length=20)
+    members: list[Person] = Field(min_length=1, max_length=2)
+    score: float = Field(ge=-1, le=1)
+
+
+class Event(Strict):
+    title: str = Field(max_length=30)
+    day: int = Field(ge=1, le=31)
+    month: Literal["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+    tags: list[Literal["work", "family", "sport", "music"]] = Field(max_length=3)
+    online: bool
+
+
+STRUCTURED_CASES = [(Person, "Make up a person: their name, age and role."),
+                    (Order, "Write an online order with one or two items."),
+                    (Team, "Describe a small team and its score."),
+                    (Event, "Plan an event for next month.")]
+
+
+def test_parse_returns_the_pydantic_object_and_sampled_outputs_all_validate(client, model):
+    """client.chat.completions.parse with a Pydantic response_format, greedy; then 200 samples at
+    temperature 1 across the schemas (nested objects, arrays, enums, required fields, bounded
+    numbers): every one validates and ended by EOS; and any JSON object."""
+    for cls, question in STRUCTURED_CASES:
+        r = client.chat.completions.parse(model=model, messages=[{"role": "user", "content": question}],
+                                          response_format=cls, temperature=0, max_completion_tokens=300)
+        assert isinstance(r.choices[0].message.parsed, cls), r.choices[0].message.content
+    count = 0
+    for cls, question in STRUCTURED_CASES:
+        fmt = {"type": "json_schema", "json_schema": {"name": cls.__name__, "schema": cls.model_json_schema(),
+                                                      "strict": True}}
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], n=50,
+                                           temperature=1.0, seed=count, response_format=fmt, max_completion_tokens=400)
+        for c in r.choices:
+            assert c.finish_reason == "stop", c.message.content
+            value = json.loads(c.message.content)
+            jsonschema.validate(value, cls.model_json_schema())
+            cls.model_validate(value)
+            count += 1
+    assert count == 200
+    # Any JSON object (json_object): every sample that ends parses to an object (one with no schema
+    # to bound it may run on to max_tokens: a cut answer, not a wrong one).
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "A JSON object about cats."}],
+                                       n=8, seed=1, temperature=1.0, response_format={"type": "json_object"},
+                                       max_completion_tokens=150)
+    ended = [c for c in r.choices if c.finish_reason == "stop"]
+    assert ended and all(isinstance(json.loads(c.message.content), dict) for c in ended)
+    assert all(c.message.content.startswith("{") for c in r.choices)
+
+
+def test_regex_choice_legacy_fields_and_streaming_match(client, model):
+    messages = [{"role": "user", "content": "Is the sky blue? Then give a code."}]
+    choice = client.chat.completions.create(model=model, messages=messages, temperature=1.0, n=6, seed=1,
+                                            extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert {c.message.content for c in choice.choices} <= {"yes", "no"}
+    code = client.completions.create(model=model, prompt="Code: ", temperature=1.0, n=6, seed=2, max_tokens=20,
+                                     extra_body={"structured_outputs": {"regex": r"[A-Z]{2}-\d{4}"}})
+    assert all(re.fullmatch(r"[A-Z]{2}-\d{4}", c.text) for c in code.choices)
+    legacy = client.completions.create(model=model, prompt="Answer: ", temperature=0, max_tokens=20,
+                                       extra_body={"guided_choice": ["left", "right"]})
+    assert legacy.choices[0].text in ("left", "right")  # vLLM's old field still constrains
+    # Streamed deltas concatenate to the non-streamed answer (greedy).
+    fmt = {"type": "json_schema", "json_schema": {"name": "Person", "schema": Person.model_json_schema()}}
+    whole = client.chat.completions.create(model=model, messages=messages, temperature=0, response_format=fmt,
+                                           max_completion_tokens=200)
+    texts, reasons = stream_text(client.chat.completions.create(
+        model=model, messages=messages, temperature=0, response_format=fmt, max_completion_tokens=200, stream=True))
+    assert texts[0] == whole.choices[0].message.content and reasons[0] == whole.choices[0].finish_reason == "stop"
+    Person.model_validate_json(texts[0])
 
 
 # -- a second server: queue limit and graceful shutdown ----------------------------------------

@@ -508,6 +508,37 @@ def test_speculation_with_stops_logprobs_n_seeds_and_preemption(spec_llms, spec_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
+def test_constrained_output_is_the_same_with_speculation(spec_llms, method):
+    """Structured output with speculation: a row after a proposal is masked by the grammar as it
+    stands after that proposal, so a proposal the grammar does not allow is rejected. Greedy
+    constrained tokens are those without speculation; sampled ones still validate."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                               "role": {"enum": ["admin", "user", "guest"]}},
+              "required": ["name", "age", "role"], "additionalProperties": False}
+    # An answer that repeats the prompt's text, so n-gram proposals are often right.
+    prompts = ['Copy this JSON: {"name": "Ada Lovelace", "age": 36, "role": "admin"}\nCopy: '] + PROMPTS[:3]
+    greedy = SamplingParams(temperature=0, max_tokens=80, structured_outputs={"json": schema})
+    plain = spec_llms("float32", "auto", None).generate(prompts, greedy, use_tqdm=False)
+    spec_llm = spec_llms("float32", "auto", method)
+    accepted = spec_llm.llm_engine.scheduler.spec_stats.num_accepted_tokens
+    spec = spec_llm.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    if method == "ngram":
+        assert spec_llm.llm_engine.scheduler.spec_stats.num_accepted_tokens > accepted
+    sampled = SamplingParams(temperature=1.0, n=4, seed=3, max_tokens=120, structured_outputs={"json": schema})
+    for out in spec_llm.generate(prompts, sampled, use_tqdm=False):
+        for c in out.outputs:
+            jsonschema.validate(json.loads(c.text), schema)
+            assert c.finish_reason == "stop"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
 def test_server_with_speculation_answers_as_without_and_reports_metrics(spec_llms, spec_configs, method):
     import json
 

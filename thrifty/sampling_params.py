@@ -2,9 +2,50 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 _GREEDY_EPS = 1e-5
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on a request's output (vLLM's names): exactly one of a JSON schema (a dict
+    or its text), any JSON object, a regular expression, one of a list of strings, or a grammar
+    (GBNF or Lark). EOS is allowed only where the constraint may end."""
+
+    json: dict | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs: give exactly one of json, json_object, regex, choice or grammar, "
+                             f"got {given or 'none'}")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (an object or its text), got {self.json!r}")
+
+    @classmethod
+    def from_any(cls, value: "StructuredOutputsParams | dict[str, Any]") -> "StructuredOutputsParams":
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"structured_outputs must be an object, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"structured_outputs: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**value)
 
 
 @dataclass
@@ -29,6 +70,7 @@ class SamplingParams:
     # request then skips the prefix cache, whose hits would leave positions uncomputed.
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: the model's EOS ids (so min_tokens can hold them back).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -39,6 +81,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_any(self.structured_outputs)
         self._verify()
 
     def _verify(self) -> None:
@@ -75,6 +119,9 @@ class SamplingParams:
             raise bad("prompt_logprobs", f"must be >= 0, got {self.prompt_logprobs}")
         if any(not s for s in self.stop):
             raise bad("stop", "must not contain empty strings")
+        if self.structured_outputs is not None and self.ignore_eos:
+            raise bad("ignore_eos", "cannot be set with structured_outputs: where the constraint ends, only EOS is "
+                      "allowed")
 
     @property
     def greedy(self) -> bool:

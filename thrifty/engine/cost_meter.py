@@ -27,6 +27,7 @@ class CostMeter:
         self.idle_s = 0.0
         self.busy_cost_usd = 0.0
         self.unbilled_cost_usd = 0.0  # part of busy_cost_usd charged to requests that never reported it
+        self._charged_s = 0.0  # charged outside the steps, still to take out of the idle or step time
         self._request_cost: dict[str, float] = {}
         self._recent: deque[tuple[float, float, int]] = deque()  # (end, busy seconds, tokens) per step
 
@@ -38,7 +39,7 @@ class CostMeter:
     def work_arrived(self, now: float) -> None:
         """The engine had nothing to run until now."""
         if self.idle:
-            self.idle_s += now - self.mark
+            self.idle_s += self._uncharged(now - self.mark)
             self.mark = now
             self.idle = False
 
@@ -46,8 +47,23 @@ class CostMeter:
         """Nothing left to run: time from the last step's end on is idle."""
         self.idle = True
 
+    def charge(self, request_id: str, seconds: float) -> None:
+        """Machine seconds spent for one request outside the steps (compiling its grammar): its
+        cost, taken out of the time they were spent in (the idle time then, or the step that ran
+        meanwhile), so that busy + idle time still add up to the elapsed time."""
+        cost = seconds * self.price_per_s
+        self._request_cost[request_id] = self._request_cost.get(request_id, 0.0) + cost
+        self.busy_s += seconds
+        self.busy_cost_usd += cost
+        self._charged_s += seconds
+
+    def _uncharged(self, seconds: float) -> float:
+        taken = min(seconds, self._charged_s)
+        self._charged_s -= taken
+        return seconds - taken
+
     def step(self, end: float, tokens_by_request: dict[str, int]) -> None:
-        seconds = end - self.mark
+        seconds = self._uncharged(end - self.mark)
         self.mark = end
         total = sum(tokens_by_request.values())
         if total == 0:  # a step that computed nothing is not anyone's cost

@@ -20,6 +20,7 @@ from thrifty.model.config import ModelArchConfig
 from thrifty.model.loader import load_hf_config, load_model, load_tokenizer, resolve_model
 from thrifty.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from thrifty.sampling_params import SamplingParams
+from thrifty.structured_output import StructuredOutputManager
 from thrifty.worker.drafter import DraftTimes
 from thrifty.worker.model_runner import ModelRunner, SampledToken, kv_budget_bytes, num_kv_blocks
 from thrifty.worker.paged_model import kv_bytes_per_token
@@ -133,14 +134,15 @@ class LLMEngine:
                             config.scheduler_policy),
             self.kv_cache_manager,
         )
-        self.runner = ModelRunner(model, device, self.dtype, config.block_size, num_blocks, self.max_model_len,
-                                  config.max_num_seqs, config.seed, config.backend, config.kv_cache_dtype,
-                                  draft_model=draft, draft_layers=draft_layers,
-                                  max_batched_tokens=config.max_num_batched_tokens)
         self.vocab_size = cfg.vocab_size
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
+        self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.runner = ModelRunner(model, device, self.dtype, config.block_size, num_blocks, self.max_model_len,
+                                  config.max_num_seqs, config.seed, config.backend, config.kv_cache_dtype,
+                                  draft_model=draft, draft_layers=draft_layers,
+                                  max_batched_tokens=config.max_num_batched_tokens, structured=self.structured)
         self.stats = EngineStats()
         self.proposer = (NgramProposer(self.spec.prompt_lookup_min, self.spec.prompt_lookup_max)
                          if self.spec is not None and self.spec.method == "ngram" else None)
@@ -249,6 +251,8 @@ class LLMEngine:
         seq_ids = [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
         if request_id in self._states or any(i in self._seq_parent for i in seq_ids):
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.structured_outputs is not None:  # (a hit when the server compiled it already)
+            self.structured.compile(params.structured_outputs)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         state = _RequestState(request_id, text, ids, [], RequestMetrics(arrival), params.n,
                               [None] * len(ids) if params.prompt_logprobs is not None else None)

@@ -51,6 +51,11 @@ class _EngineStateCollector:
             (CounterMetricFamily, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
              stats.prefix_cache_hits),
             *self._cost(time.monotonic()),
+            (CounterMetricFamily, "thrifty:structured_output_compile_seconds",
+             "CPU seconds spent compiling structured-output grammars (a cached grammar costs none).",
+             llm.engine.structured.compile_seconds),
+            (CounterMetricFamily, "thrifty:structured_output_mask_seconds",
+             "Seconds the engine spent filling structured-output token masks.", llm.engine.structured.mask_seconds),
         ]
         if llm.engine.spec is not None:
             rows += self._spec()

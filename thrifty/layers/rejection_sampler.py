@@ -8,7 +8,8 @@ are the target's distribution p_i after the request's tokens and d_1..d_i. Going
   the token is drawn from the residual max(p_i - q, 0), i.e. p_i without d_i, renormalized.
   Each emitted token is then distributed exactly as p_i.
 If all k are accepted, a bonus token is drawn from p_{k+1}. Each row is processed as the sampler
-would process it at that position (penalties and min_tokens see the accepted tokens before it),
+would process it at that position (penalties and min_tokens see the accepted tokens before it,
+a grammar masks what it allows after them: a proposal it does not allow has p_i(d_i) = 0),
 and a seeded request draws from its own generator, so its output is reproducible.
 """
 
@@ -19,9 +20,8 @@ import torch
 from thrifty.layers.sampler import (
     SamplerOutput,
     SamplingInput,
-    apply_min_tokens,
-    apply_penalties,
     draw_from,
+    process_logits,
     random_probs,
     top_logprobs,
 )
@@ -32,7 +32,7 @@ def verify(logits: torch.Tensor, inputs: list[SamplingInput], drafts: list[list[
     """`logits` has len(d) + 1 rows per request (in order), `inputs` one per row (row i's
     output_token_ids include d_1..d_i). Returns each request's emitted tokens (1 to len(d) + 1)."""
     raw = logits.float()
-    processed = apply_penalties(apply_min_tokens(raw, inputs), inputs)
+    processed = process_logits(raw, inputs)
     logprobs = raw.log_softmax(dim=-1)
     results, row = [], 0
     for d in drafts:

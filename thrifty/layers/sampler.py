@@ -1,8 +1,8 @@
 """Turns one step's logits into next tokens, following vLLM's order of operations.
 
-Order: min_tokens masking -> penalties -> greedy argmax | (temperature -> top_k -> top_p
--> min_p -> a draw from the cumulative distribution). Logprobs are always taken from the raw
-logits.
+Order: min_tokens masking -> penalties -> the grammar's mask (structured output) -> greedy
+argmax | (temperature -> top_k -> top_p -> min_p -> a draw from the cumulative distribution).
+Logprobs are always taken from the raw logits.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from thrifty.sampling_params import SamplingParams
@@ -22,6 +23,8 @@ class SamplingInput:
     output_token_ids: list[int]
     # Set when params.seed is given, so the request's samples do not depend on its batch mates.
     generator: torch.Generator | None
+    # Structured output: the row's allowed tokens, bit t of the int32 words (structured_output.py).
+    allowed: np.ndarray | None = None
 
 
 @dataclass
@@ -107,6 +110,35 @@ def apply_penalties(logits: torch.Tensor, inputs: list[SamplingInput]) -> torch.
     pres_t = column([inp.params.presence_penalty for inp in picked])
     sub = sub - freq_t * out_counts - pres_t * in_output.float()
     return logits.index_copy(0, row_idx, sub)
+
+
+def apply_grammar(logits: torch.Tensor, processed: torch.Tensor, inputs: list[SamplingInput]) -> torch.Tensor:
+    """Return `processed` with the tokens each constrained row's grammar does not allow at -inf
+    (out of place). A row left with no token (min_tokens holds back EOS where the grammar allows
+    only EOS) is masked from its raw `logits` instead: the grammar wins."""
+    rows = [i for i, inp in enumerate(inputs) if inp.allowed is not None]
+    if not rows:
+        return processed
+    device, vocab = processed.device, processed.shape[1]
+    # int32 words, little-endian: token t is bit t % 8 of byte t // 8; the inverted words give
+    # the forbidden tokens in one unpacking.
+    forbidden_words = ~np.stack([inputs[i].allowed for i in rows])
+    forbidden = torch.from_numpy(np.unpackbits(forbidden_words.view(np.uint8), axis=1, count=vocab,
+                                               bitorder="little")).to(device=device, dtype=torch.bool)
+    if len(rows) == len(inputs):
+        out = processed.masked_fill(forbidden, -math.inf)
+    else:
+        row_idx = torch.tensor(rows, device=device)
+        out = processed.index_copy(0, row_idx, processed.index_select(0, row_idx).masked_fill_(forbidden, -math.inf))
+    for j, i in enumerate(rows):  # only min_tokens can have taken every allowed token away
+        if _below_min_tokens(inputs[i]) and bool(torch.isneginf(out[i]).all()):
+            out[i] = logits[i].masked_fill(forbidden[j], -math.inf)
+    return out
+
+
+def process_logits(raw: torch.Tensor, inputs: list[SamplingInput]) -> torch.Tensor:
+    """The logits the tokens are picked from: min_tokens, penalties, then the grammar."""
+    return apply_grammar(raw, apply_penalties(apply_min_tokens(raw, inputs), inputs), inputs)
 
 
 # ---------------------------------------------------------------------------
@@ -260,10 +292,30 @@ def top_logprobs(
 
 
 def only_argmax(inputs: list[SamplingInput]) -> bool:
-    """True when every row's token is its raw logits' argmax and nothing else is asked of them
-    (no penalties, no min_tokens masking, no top logprobs): a greedy pass suffices."""
+    """True when every row's token is its raw logits' argmax, unless its grammar forbids it, and
+    nothing else is asked of them (no penalties, no min_tokens masking, no top logprobs): a greedy
+    pass suffices, with constrained rows checked after (mask_greedy_picks)."""
     return all(inp.params.greedy and not inp.params.logprobs and not uses_penalties(inp.params)
                and not _below_min_tokens(inp) for inp in inputs)
+
+
+def allows(row: np.ndarray, token: int) -> bool:
+    """Whether a grammar's mask row allows the token."""
+    return bool((int(row[token >> 5]) >> (token & 31)) & 1)
+
+
+def mask_greedy_picks(logits: torch.Tensor, token_ids: list[int], logprobs: list[float],
+                      inputs: list[SamplingInput]) -> None:
+    """Greedy rows' picks (their raw argmax) made to follow their grammars: the few a grammar
+    forbids become the argmax of what it allows, with that token's raw logprob (in place)."""
+    rows = [i for i, inp in enumerate(inputs) if inp.allowed is not None and not allows(inp.allowed, token_ids[i])]
+    if not rows:
+        return
+    raw = logits[rows].float()
+    picks = apply_grammar(raw, raw, [inputs[i] for i in rows]).argmax(dim=-1)
+    chosen = raw.log_softmax(dim=-1).gather(1, picks[:, None])[:, 0]
+    for j, i in enumerate(rows):
+        token_ids[i], logprobs[i] = int(picks[j]), float(chosen[j])
 
 
 def greedy_output(token_ids: list[int], logprobs: list[float], inputs: list[SamplingInput]) -> "SamplerOutput":
@@ -305,14 +357,15 @@ class Sampler:
             return SamplerOutput([], [], [])
         raw = logits.float()  # no copy for float32 input, so nothing below may write in place
 
-        processed = apply_penalties(apply_min_tokens(raw, inputs), inputs)
+        processed = process_logits(raw, inputs)
 
         random_rows = [i for i, inp in enumerate(inputs) if not inp.params.greedy]
         if only_argmax(inputs):
             fast = _native_greedy(raw)
             if fast is not None:
-                tokens, token_logprobs = fast
-                return greedy_output(tokens.tolist(), token_logprobs.tolist(), inputs)
+                tokens, token_logprobs = fast[0].tolist(), fast[1].tolist()
+                mask_greedy_picks(raw, tokens, token_logprobs, inputs)
+                return greedy_output(tokens, token_logprobs, inputs)
         if len(random_rows) == len(inputs):
             tokens = _sample_random(processed, inputs, self.default_generator(raw.device))
         else:

@@ -17,9 +17,11 @@ from thrifty.core.kv_cache_manager import cdiv
 from thrifty.core.request import DRAFT_PENDING
 from thrifty.core.scheduler import SchedulerOutput
 from thrifty.layers.rejection_sampler import num_accepted_greedy, verify
-from thrifty.layers.sampler import Sampler, SamplerOutput, SamplingInput, greedy_output, only_argmax
+from thrifty.layers.sampler import (Sampler, SamplerOutput, SamplingInput, greedy_output, mask_greedy_picks,
+                                    only_argmax)
 from thrifty.model.llama import LlamaForCausalLM
 from thrifty.sampling_params import SamplingParams
+from thrifty.structured_output import ConstrainedRows, StructuredOutputManager
 from thrifty.worker.drafter import Drafter, DraftTimes
 from thrifty.worker.paged_model import PagedModel, StepBatch, kv_bytes_per_token
 
@@ -111,9 +113,11 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, block_size: int,
                  num_blocks: int, max_model_len: int, max_num_reqs: int, seed: int = 0, backend: str = "auto",
                  kv_cache_dtype: str = "auto", draft_model: LlamaForCausalLM | None = None,
-                 draft_layers: list[int] | None = None, max_batched_tokens: int = 8192):
+                 draft_layers: list[int] | None = None, max_batched_tokens: int = 8192,
+                 structured: StructuredOutputManager | None = None):
         """`draft_model` (its own KV cache) or `draft_layers` (some of the target's layers) make
-        the proposals of speculative decoding left pending by the scheduler (see drafter.py)."""
+        the proposals of speculative decoding left pending by the scheduler (see drafter.py).
+        `structured` holds the grammars of requests with structured_outputs."""
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -142,12 +146,16 @@ class ModelRunner:
         # from where its stream was, so its output does not depend on being preempted.
         self.generators: dict[str, torch.Generator] = {}
         self.prompt_logprobs: dict[str, list] = {}  # the last step's, see execute
+        # Like the generators, a request's grammar state outlives a preemption.
+        self.structured = structured
 
     # -- request states ---------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:
         for req_id in out.finished_req_ids:
             self._remove(req_id)
             self.generators.pop(req_id, None)
+            if self.structured is not None:
+                self.structured.finish(req_id)
         for req_id in out.preempted_req_ids:
             self._remove(req_id)
         for new in out.scheduled_new_reqs:
@@ -161,6 +169,8 @@ class ModelRunner:
             seed = new.sampling_params.seed
             if seed is not None and new.req_id not in self.generators:
                 self.generators[new.req_id] = torch.Generator(device=self.device).manual_seed(seed)
+            if new.sampling_params.structured_outputs is not None:
+                self.structured.start(new.req_id, new.sampling_params.structured_outputs, new.output_token_ids)
         for cached in out.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             state.num_computed_tokens = cached.num_computed_tokens
@@ -243,7 +253,9 @@ class ModelRunner:
         # second pass (and a step that samples no row asks for no pick).
         logits, token_ids, logprobs = self.paged.forward(batch, greedy=bool(inputs) and only_argmax(inputs))
         if token_ids is not None:
-            return _accept_argmax(token_ids[:n].tolist(), logprobs[:n].tolist(), inputs, drafts), logits[n:]
+            picks, pick_logprobs = token_ids[:n].tolist(), logprobs[:n].tolist()
+            mask_greedy_picks(logits[:n], picks, pick_logprobs, inputs)
+            return _accept_argmax(picks, pick_logprobs, inputs, drafts), logits[n:]
         if not any(drafts):
             whole = self.sampler(logits[:n], inputs)
             return [SamplerOutput([t], [lp], [top]) for t, lp, top in
@@ -308,14 +320,35 @@ class ModelRunner:
             inputs.append(SamplingInput(s.sampling_params, s.prompt_token_ids, s.output_token_ids, generator))
             inputs += [SamplingInput(s.sampling_params, s.prompt_token_ids, s.output_token_ids + drafts[:i + 1],
                                      generator) for i in range(len(drafts))]
+        constrained = self._grammar_masks(sampled, inputs)
         results, prompt_logits = self._forward_and_sample(batch, inputs, [d for _, d in sampled])
         self.prompt_logprobs = self._prompt_logprobs(prompt_rows, prompt_logits) if prompt_rows else {}
         tokens = {}
         for (state, _), result in zip(sampled, results):
+            if state.req_id in constrained:
+                self.structured.accept(state.req_id, result.token_ids)
             state.output_token_ids.extend(result.token_ids)
             tokens[state.req_id] = [SampledToken(t, lp, top) for t, lp, top in
                                     zip(result.token_ids, result.logprobs, result.top_logprobs)]
         return tokens
+
+
+    def _grammar_masks(self, sampled: list[tuple[CachedRequestState, list[int]]],
+                       inputs: list[SamplingInput]) -> set[str]:
+        """Gives the rows of constrained requests their grammar's mask; returns those requests."""
+        if self.structured is None or not self.structured.matchers:
+            return set()
+        rows, first_row = [], 0
+        for state, drafts in sampled:
+            if state.req_id in self.structured.matchers:
+                rows.append(ConstrainedRows(state.req_id, first_row, drafts))
+            first_row += len(drafts) + 1
+        if rows:
+            mask = self.structured.bitmask(rows, len(inputs))
+            for r in rows:
+                for i in range(r.first_row, r.first_row + len(r.drafts) + 1):
+                    inputs[i].allowed = mask[i]
+        return {r.req_id for r in rows}
 
 
 def _accept_argmax(token_ids: list[int], logprobs: list[float], inputs: list[SamplingInput],

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from thrifty.engine.async_llm import AsyncLLM
@@ -23,7 +25,7 @@ from thrifty.entrypoints.openai.protocol import (
 )
 from thrifty.entrypoints.openai.errors import APIError, bad_request
 from thrifty.outputs import CompletionOutput, Logprob, RequestOutput
-from thrifty.sampling_params import SamplingParams
+from thrifty.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def from_value_error(e: ValueError) -> APIError:
@@ -78,6 +80,8 @@ class OpenAIServing:
         self.tokenizer = llm.engine.tokenizer
         self.served_model_names = served_model_names
         self.chat_template = chat_template
+        # One thread compiles grammars: a second would take the other core from the forward.
+        self._compile_pool = ThreadPoolExecutor(1, thread_name_prefix="thrifty-grammar")
 
     @property
     def model_name(self) -> str:
@@ -106,13 +110,60 @@ class OpenAIServing:
     def _check_unsupported(self, req: _SamplingFields) -> None:
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise bad_request(f"response_format type {req.response_format.type!r} is not supported yet "
-                              "(structured output is not implemented); use 'text'", "response_format")
         if req.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
 
-    def _sampling_params(self, req: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    @staticmethod
+    def _structured_outputs(req: _SamplingFields) -> tuple[StructuredOutputsParams | None, str]:
+        """The request's constraint, from whichever field gives it, and that field's name."""
+        given: list[tuple[dict, str]] = []
+        fmt = req.response_format
+        if fmt is not None and fmt.type != "text":
+            if fmt.type == "json_object":
+                given.append(({"json_object": True}, "response_format"))
+            elif fmt.type == "json_schema":
+                if fmt.json_schema is None:
+                    raise bad_request("response_format: type 'json_schema' needs a json_schema object with a name "
+                                      "and a schema", "response_format")
+                # OpenAI's schema is optional: without one, any JSON object.
+                schema = fmt.json_schema.json_schema
+                given.append(({"json": schema} if schema is not None else {"json_object": True}, "response_format"))
+            else:
+                raise bad_request(f"response_format: unknown type {fmt.type!r}; expected 'text', 'json_object' or "
+                                  "'json_schema'", "response_format")
+        if req.structured_outputs is not None:
+            given.append((req.structured_outputs, "structured_outputs"))
+        for old, new in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                         ("guided_grammar", "grammar")):
+            if getattr(req, old) is not None:
+                given.append(({new: getattr(req, old)}, old))
+        if not given:
+            return None, ""
+        if len(given) > 1:
+            raise bad_request(f"{' and '.join(name for _, name in given)} each constrain the output: give one "
+                              "(structured_outputs is the current field)", given[1][1])
+        value, name = given[0]
+        try:
+            return StructuredOutputsParams.from_any(value), name
+        except (ValueError, TypeError) as e:
+            raise bad_request(f"{name}: {e}", name) from None
+
+    async def _compile(self, constraint: StructuredOutputsParams | None, param: str) -> float:
+        """Compiles the request's grammar off the event loop (and the engine's thread), so a long
+        compile stalls neither; the engine then finds it cached. Returns the machine seconds it
+        took (its CPU seconds over the machine's cores: 0 when cached), which the request pays.
+        A grammar that does not compile is a 400 naming the field that gave it."""
+        if constraint is None:
+            return 0.0
+        loop = asyncio.get_running_loop()
+        try:
+            _, seconds = await loop.run_in_executor(self._compile_pool, self.engine.structured.compile, constraint)
+        except ValueError as e:
+            raise bad_request(f"{param}: {e}", param) from None
+        return seconds / (os.cpu_count() or 1)
+
+    def _sampling_params(self, req: _SamplingFields, max_tokens: int, logprobs: int | None,
+                         constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         try:
             return SamplingParams(
                 n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
@@ -122,7 +173,7 @@ class OpenAIServing:
                 repetition_penalty=req.repetition_penalty or 1.0, max_tokens=max_tokens,
                 min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
                 include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
-                logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+                logprobs=logprobs, skip_special_tokens=req.skip_special_tokens, structured_outputs=constraint)
         except ValueError as e:
             raise from_value_error(e) from None
 
@@ -148,8 +199,9 @@ class OpenAIServing:
             raise from_value_error(e) from None
 
     def _start(self, prompts: list[_Prompt], params: list[SamplingParams], base_id: str,
-               key_name: str | None) -> _Job:
-        """Queues every prompt's engine request now, so the queue limit sees them at once."""
+               key_name: str | None, compile_seconds: float = 0.0) -> _Job:
+        """Queues every prompt's engine request now, so the queue limit sees them at once; the
+        first pays for compiling their grammar."""
         self.check_queue(len(prompts))
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
         outputs = []
@@ -160,6 +212,8 @@ class OpenAIServing:
             for rid in ids:
                 self.llm.abort(rid)
             raise from_value_error(e) from None
+        if compile_seconds:
+            self.llm.cost.charge(ids[0], compile_seconds)
         choices = [_Choice() for _ in range(len(prompts) * params[0].n)]
         return _Job(prompts, params[0].n, ids, outputs, choices, key_name)
 
@@ -287,14 +341,16 @@ class OpenAIServing:
             raise bad_request("best_of other than n is not supported", "best_of")
         if req.echo and req.logprobs is not None:
             raise bad_request("echo with logprobs (prompt logprobs) is not supported yet", "echo")
+        constraint, param = self._structured_outputs(req)
         prompts = self._completion_prompts(req)
         params = []
         for p in prompts:
             self._validate_prompt(p.token_ids)
             max_tokens = self._max_tokens(len(p.token_ids), req.max_tokens, "max_tokens")
-            params.append(self._sampling_params(req, max_tokens, req.logprobs))
+            params.append(self._sampling_params(req, max_tokens, req.logprobs, constraint))
+        compile_seconds = await self._compile(constraint, param)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        job = self._start(prompts, params, request_id, key_name)
+        job = self._start(prompts, params, request_id, key_name, compile_seconds)
         if req.echo:
             for i, choice in enumerate(job.choices):
                 p = prompts[i // req.n]
@@ -382,9 +438,11 @@ class OpenAIServing:
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._max_tokens(len(prompt.token_ids), requested, "max_completion_tokens")
         top = req.top_logprobs or 0
-        params = [self._sampling_params(req, max_tokens, top if req.logprobs else None)]
+        constraint, param = self._structured_outputs(req)
+        params = [self._sampling_params(req, max_tokens, top if req.logprobs else None, constraint)]
+        compile_seconds = await self._compile(constraint, param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        job = self._start([prompt], params, request_id, key_name)
+        job = self._start([prompt], params, request_id, key_name, compile_seconds)
         head = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self._reported_model(req)}
         if req.stream:
