@@ -254,6 +254,32 @@ def test_switch_tries_a_draft_whose_catching_up_costs_more_than_the_allowance_sa
     assert explored >= 2 and excess <= 0.01 * total + 0.05 + 0.25
 
 
+def test_switch_explores_a_draft_that_is_never_right_less_and_less():
+    """Each try that leaves proposals not preferred halves the allowance's growth (down to 1/8):
+    the time between tries of a never-right draft doubles, then holds; once proposals pay
+    (acceptance high) and are preferred, the backoff is gone."""
+    fixed, per_token, draft = 0.004, 0.001, 0.0005
+    c = _switch(4, fixed, per_token, draft=draft)
+    clock, tries = 0.0, []
+    for _ in range(60000):
+        k = c.choose([4])
+        seconds = _step_time(1, 1 + k, fixed, per_token) + k * draft
+        c.observe(1, 1 + k, seconds, 1, [(k, 0)] if k else [], k * draft, k * draft, k)
+        clock += seconds
+        if c._exploring:
+            tries.append(clock)
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert len(gaps) >= 6
+    assert gaps[1] > 1.8 * gaps[0] and gaps[2] > 1.8 * gaps[1]  # doubled, twice more (the first at 1/2)
+    assert gaps[-1] == pytest.approx(gaps[2], rel=0.1)  # then held
+    assert c.choose([4]) == 0
+    for _ in range(3000):  # proposals that are all accepted: preferred again, the backoff reset
+        k = c.choose([4])
+        c.observe(1, 1 + k, _step_time(1, 1 + k, fixed, per_token) + k * draft, 1 + k, [(k, k)] if k else [],
+                  k * draft, k * draft, k)
+    assert c.choose([4]) > 0 and c._fruitless == 0
+
+
 # -- the rejection sampler ------------------------------------------------------------------------
 def _chi2(counts: list[int], probs: list[float]) -> float:
     n = sum(counts)

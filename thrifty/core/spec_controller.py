@@ -32,8 +32,10 @@ switch does not explore in a burst: over any stretch of time, exploring costs ex
 it, plus at most that horizon's share, plus the step that found out. A step dearer than that
 share is tried when the allowance is full, which it then owes. It never explores where no
 k' > 0 would pay even if every proposal were accepted (a draft whose forwards cost too much):
-the table says so before any request runs. Steps that prefill are not measured: their time
-says nothing about decoding.
+the table says so before any request runs. Each exploring step that leaves proposals not
+preferred halves the allowance's growth, down to 1/2**MAX_BACKOFF, until proposals are preferred
+again: a draft that is never right costs less and less to keep checking. Steps that prefill are
+not measured: their time says nothing about decoding.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ DECAY = 0.93  # per step that verified proposals, the weight earlier acceptance 
 PRIOR = 1.0  # the acceptance prior's weight, in proposals, at rate 1/2
 EXPLORE_HORIZON = 5.0  # the seconds of steps whose allowance for exploring may be saved up
 DECIDE_EVERY = 4  # the steps a choice holds while the batch and its proposals stay the same
+MAX_BACKOFF = 3  # the most halvings of the exploring allowance's growth
 
 
 def bucket(batch_size: int) -> int:
@@ -145,6 +148,7 @@ class SpecController:
     _tried: float = 0.0  # proposals verified (decayed counts)
     _accepted: float = 0.0
     _since: int = 0  # steps since the last exploring one
+    _fruitless: int = 0  # steps that explored proposals since proposals were last preferred
     _explore_price: float = 0.0  # what exploring was last predicted to cost
     _plan_key: tuple[int, int, int] | None = None  # the batch and proposals the last decision was for
     _plan_best: int = 0  # its choice (not an exploring step's)
@@ -179,8 +183,8 @@ class SpecController:
         draft_decode_seconds its `draft_forwards` decoding forwards; it generated `generated`
         tokens; `verified`: (proposals, accepted) per request that had proposals. Only decode
         steps (no prefill) are measured."""
-        self.allowance_seconds = min(self.allowance_seconds + self.explore_cost * seconds,
-                                     self.explore_cost * EXPLORE_HORIZON)
+        growth = self.explore_cost / 2 ** self._fruitless
+        self.allowance_seconds = min(self.allowance_seconds + growth * seconds, self.explore_cost * EXPLORE_HORIZON)
         if verified:
             self._count(verified)
         if not decode or batch_size <= 0 or seconds <= 0:
@@ -253,6 +257,8 @@ class SpecController:
         # percent) outweighs what speculating would win.
         best = self._plan_best = max(range(most + 1),
                                      key=lambda k: (rates[k][0] / rates[k][1] * (1 if k else 1 + MARGIN), -k))
+        if best:
+            self._fruitless = 0
         if self._since * self.max_explore >= 1:
             # The other side: the best k' > 0 when none is preferred, else none (so that the
             # level without proposals is measured too while speculating).
@@ -264,6 +270,7 @@ class SpecController:
                 self._explore_price = math.inf
             if explore and self._affordable():
                 self._preferred_seconds_per_token = preferred
+                self._fruitless = min(self._fruitless + (best == 0), MAX_BACKOFF)
                 best, self._exploring, self._since = k, True, 0
         return best
 
