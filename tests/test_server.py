@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def server():
     srv = Server("--api-key", f"tenant={API_KEY}", "--api-key", "other=sk-other", "--served-model-name",
-                 "thrifty-test", "smol", "--price-per-hour", str(PRICE))
+                 "thrifty-test", "smol", "--price-per-hour", str(PRICE), "--enable-auto-tool-choice",
+                 "--tool-call-parser", "smollm2")
     yield srv
     assert srv.stop() == 0
 
@@ -237,6 +238,12 @@ def test_tokenize_detokenize(server, llm):
     chat = http(server, "POST", "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
     assert chat["count"] > 3
     assert http(server, "POST", "/detokenize", json={"tokens": [-1]}).status_code == 400
+    # The default model's template renders no tools: they go into a system prompt, in the parser's format.
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    r = http(server, "POST", "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}], "tools": tools})
+    text = llm.get_tokenizer().decode(r.json()["tokens"])
+    assert '<tools>[{"type": "function", "function": {"name": "get_weather"' in text and "<tool_call>[" in text
+    assert text.index("<tools>") < text.index("Hi")
 
 
 @pytest.mark.parametrize("path,body,status,param,words", [
@@ -277,6 +284,15 @@ def test_tokenize_detokenize(server, llm):
      "guided_regex", "structured_outputs is the current field"),
     ("/v1/completions", {"prompt": "hi", "guided_choice": ["a"], "ignore_eos": True}, 400, "ignore_eos",
      "structured_outputs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+     400, "tools", "expected"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": "x"}}]}, 400, "tools", "JSON schema"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+            "name": "g"}}}, 400, "tool_choice", "not among the tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400,
+     "tool_choice", "needs tools"),
     ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "model", "does not exist"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "list"),
@@ -518,9 +534,79 @@ def test_regex_choice_legacy_fields_and_streaming_match(client, model):
     Person.model_validate_json(texts[0])
 
 
+# -- tool calling ------------------------------------------------------------------------------
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+                  "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city.",
+                                           "parameters": WEATHER_PARAMS}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time in a time zone.",
+                                           "parameters": {"type": "object", "properties": {
+                                               "zone": {"enum": ["UTC", "CET", "EST"]}}, "required": ["zone"],
+                                               "additionalProperties": False}}}]
+
+
+def _streamed_calls(stream) -> tuple[dict[int, dict], str | None, str]:
+    """The tool calls a stream's deltas add up to (by index), its finish_reason and content."""
+    calls: dict[int, dict] = {}
+    reason, content = None, ""
+    for chunk in stream:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for d in c.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = d.id or call["id"]
+                call["name"] += (d.function.name or "") if d.function else ""
+                call["arguments"] += (d.function.arguments or "") if d.function else ""
+            reason = c.finish_reason or reason
+    return calls, reason, content
+
+
+def test_tool_round_trip_with_forced_required_and_auto_choices(client, model):
+    """The model is made to call get_weather (a named tool_choice, enforced by a grammar); the
+    call's arguments follow the function's parameters; streamed deltas reassemble to the same
+    call; the tool's result goes back and the model answers in text."""
+    messages = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice=named,
+                                       temperature=0, max_completion_tokens=100)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMS)
+    calls, reason, content = _streamed_calls(client.chat.completions.create(
+        model=model, messages=messages, tools=TOOLS, tool_choice=named, temperature=0, max_completion_tokens=100,
+        stream=True))
+    assert reason == "tool_calls" and content == "" and list(calls) == [0]
+    assert (calls[0]["name"], calls[0]["arguments"]) == (call.function.name, call.function.arguments)
+    # The result goes back; with tool_choice "none" the model answers in text.
+    history = messages + [choice.message.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": call.id, "content": "18 degrees celsius and sunny"}]
+    answer = client.chat.completions.create(model=model, messages=history, tools=TOOLS, tool_choice="none",
+                                            temperature=0, max_completion_tokens=60)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    # required: one call or more, of either tool, each valid; sampled, several choices.
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What time is it in UTC?"}],
+                                       tools=TOOLS, tool_choice="required", n=4, seed=3, temperature=1.0,
+                                       max_completion_tokens=200)
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls
+        for tc in c.message.tool_calls:
+            params = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == tc.function.name)
+            jsonschema.validate(json.loads(tc.function.arguments), params)
+    # auto (the server runs with --enable-auto-tool-choice): text or calls, whichever the model writes.
+    r = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, temperature=0,
+                                       max_completion_tokens=100)
+    c = r.choices[0]
+    assert (c.finish_reason == "tool_calls") == bool(c.message.tool_calls)
+    assert c.message.tool_calls or c.message.content
+
+
 # -- a second server: queue limit and graceful shutdown ----------------------------------------
 def test_chat_template_flag_429_when_queue_full_then_graceful_shutdown(tmp_path, llm):
-    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    template = ("{% if tools %}<tools>{{ tools | map(attribute='function.name') | join(',') }}</tools>\n{% endif %}"
+                "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>")
     (tmp_path / "template.jinja").write_text(template)
     srv = Server("--max-num-seqs", "1", "--max-waiting-requests", "1", "--shutdown-timeout", "60",
                  "--chat-template", str(tmp_path / "template.jinja"))
@@ -529,6 +615,13 @@ def test_chat_template_flag_429_when_queue_full_then_graceful_shutdown(tmp_path,
         r = httpx.post(f"{srv.url}/tokenize", json={"messages": messages}).json()
         expected = "<system>Be brief.\n<user>Hi\n<assistant>"
         assert r["tokens"] == llm.get_tokenizer().encode(expected, add_special_tokens=False)
+        # A template that renders tools gets them (and no system prompt of thrifty's).
+        r = httpx.post(f"{srv.url}/tokenize", json={"messages": messages, "tools": TOOLS}).json()
+        with_tools = "<tools>get_weather,get_time</tools>\n" + expected
+        assert r["tokens"] == llm.get_tokenizer().encode(with_tools, add_special_tokens=False)
+        # Without --enable-auto-tool-choice, tools with the default choice ("auto") are refused, as in vLLM.
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": messages, "tools": TOOLS})
+        assert r.status_code == 400 and "--enable-auto-tool-choice" in r.json()["error"]["message"]
 
         body = {"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True, "temperature": 0}
         results: list[httpx.Response] = []

@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import typing
-from typing import Any
+from typing import Any, Literal
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -74,6 +74,8 @@ class _ServeOptions(BaseModel):
     api_key: list[str] | None = None  # KEY or NAME=KEY
     chat_template: str | None = None
     trust_request_chat_template: bool = False
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: Literal["smollm2", "hermes"] | None = None
     max_waiting_requests: int = Field(1024, ge=0)  # 0: no limit
     price_per_hour: float | None = Field(None, ge=0)  # None: 0, or the price table's entry for the GPU
     cost_report_interval_s: float = Field(5.0, gt=0)
@@ -297,7 +299,8 @@ class ThriftyServer:
         opts = self.options
         names = opts.served_model_name or [self.llm.engine.model_name]
         app = build_openai_app(self.llm, names, parse_api_keys(opts.api_key), _load_chat_template(opts.chat_template),
-                               str(self.llm.engine.source.path or ""), opts.trust_request_chat_template)
+                               str(self.llm.engine.source.path or ""), opts.trust_request_chat_template,
+                               opts.enable_auto_tool_choice, opts.tool_call_parser)
 
         @app.get("/cost")
         async def cost():

@@ -246,6 +246,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a chat_template field in requests (a template is code the server runs)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model decide whether to call tools (tool_choice 'auto'); needs --tool-call-parser")
+    g.add_argument("--tool-call-parser", choices=["smollm2", "hermes"], default=None,
+                   help="how tool calls are written: smollm2 (a JSON list in one <tool_call> tag, the default "
+                        "model's) or hermes (one JSON object per tag); required and named tool_choice use it too "
+                        "(default smollm2)")
     g.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="queued requests beyond which new ones get 429 with Retry-After (0: no limit)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,

@@ -39,6 +39,7 @@ from thrifty.entrypoints.openai.serving import (
     bad_request,
     from_value_error,
 )
+from thrifty.entrypoints.openai.tools import check_tools
 
 logger = logging.getLogger("thrifty.server")
 
@@ -73,10 +74,11 @@ def parse_api_keys(values: list[str] | None) -> dict[str, str | None]:
 
 def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, str | None] | None = None,
               chat_template: str | None = None, model_root: str | None = None,
-              trust_request_chat_template: bool = False) -> FastAPI:
+              trust_request_chat_template: bool = False, enable_auto_tool_choice: bool = False,
+              tool_call_parser: str | None = None) -> FastAPI:
     metrics = EngineMetrics(llm, served_model_names[0])
     serving = OpenAIServing(llm, served_model_names, chat_template, metrics.observe_key_usage,
-                            trust_request_chat_template)
+                            trust_request_chat_template, enable_auto_tool_choice, tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -180,7 +182,7 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
             ids = serving.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             chat = ChatCompletionRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt)
-            ids = serving.chat_prompt(chat).token_ids
+            ids = serving.chat_prompt(chat, check_tools(req.tools or [])).token_ids
         return {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
@@ -258,7 +260,7 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
                    price_per_hour=_price_per_hour(args.price_per_hour, config))
     names = args.served_model_name or [llm.engine.model_name]
     app = build_app(llm, names, api_keys, chat_template, str(llm.engine.source.path or ""),
-                    args.trust_request_chat_template)
+                    args.trust_request_chat_template, args.enable_auto_tool_choice, args.tool_call_parser)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.shutdown_timeout,

@@ -87,6 +87,8 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn's answer to one of them
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -110,6 +112,7 @@ class TokenizeRequest(BaseModel):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None  # rendered as a chat completion with them would (vLLM's)
 
 
 class DetokenizeRequest(BaseModel):

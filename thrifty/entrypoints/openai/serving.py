@@ -24,6 +24,8 @@ from thrifty.entrypoints.openai.protocol import (
     _SamplingFields,
 )
 from thrifty.entrypoints.openai.errors import APIError, bad_request
+from thrifty.entrypoints.openai.tools import (ToolCallParser, check_tools, grammar, resolve_choice, system_prompt,
+                                              tool_turn_as_text)
 from thrifty.outputs import CompletionOutput, Logprob, RequestOutput
 from thrifty.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -43,6 +45,7 @@ class _Choice:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     started: bool = False  # chat streams open each choice with the assistant role
+    tools: ToolCallParser | None = None  # a chat request with tools: its calls, parsed as they stream
 
 
 @dataclass
@@ -72,8 +75,13 @@ def _finite(x: float) -> float:
 class OpenAIServing:
     def __init__(self, llm: AsyncLLM, served_model_names: list[str], chat_template: str | None = None,
                  key_usage_observer: Callable[[str, int, int, float], None] | None = None,
-                 trust_request_chat_template: bool = False):
+                 trust_request_chat_template: bool = False, enable_auto_tool_choice: bool = False,
+                 tool_call_parser: str | None = None):
         self.llm = llm
+        # tool_choice "auto" needs both (as vLLM); required and named choices work without them,
+        # in the parser's format (the default model's, smollm2, if none is named).
+        self.enable_auto_tool_choice = enable_auto_tool_choice and tool_call_parser is not None
+        self.tool_call_parser = tool_call_parser
         self.trust_request_chat_template = trust_request_chat_template
         self.key_usage_observer = key_usage_observer  # (key name, prompt tokens, generated tokens, cost)
         self.engine = llm.engine
@@ -398,7 +406,12 @@ class OpenAIServing:
             sent_chars[index] += len(text)
 
     # -- /v1/chat/completions --------------------------------------------------------------
-    def chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
+    def chat_prompt(self, req: ChatCompletionRequest, tools: list[dict] | None = None) -> _Prompt:
+        """The conversation through the chat template; with `tools`, a template that does not
+        render tools itself gets them in a system prompt, and the calls and their results as
+        text in the format the tool-call parser reads."""
+        template = req.chat_template or self.chat_template or getattr(self.tokenizer, "chat_template", None) or ""
+        knows_tools = "tools" in template  # (a template that renders tools reads a `tools` variable)
         messages = []
         for i, m in enumerate(req.messages):
             content = m.content
@@ -413,13 +426,25 @@ class OpenAIServing:
             msg = {"role": m.role, "content": content or ""}
             if m.name is not None:
                 msg["name"] = m.name
+            if not knows_tools:  # (with tool_choice "none" too, so that the history stays readable)
+                msg = tool_turn_as_text(msg, m.tool_calls, self.tool_call_parser or "smollm2")
+            elif m.tool_calls is not None or m.tool_call_id is not None:
+                msg.update({k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id))
+                            if v is not None})
             messages.append(msg)
+        if tools and not knows_tools:
+            prompt = system_prompt(tools, self.tool_call_parser or "smollm2")
+            if messages and messages[0]["role"] == "system":
+                messages[0] = {**messages[0], "content": prompt + "\n\n" + messages[0]["content"]}
+            else:
+                messages.insert(0, {"role": "system", "content": prompt})
         if req.chat_template is not None and not self.trust_request_chat_template:
             raise bad_request("chat_template in a request is refused (a template is code the server runs); start "
                               "the server with --trust-request-chat-template to allow it", "chat_template")
         try:
             ids = self.tokenizer.apply_chat_template(
                 messages, chat_template=req.chat_template or self.chat_template, tokenize=True, return_dict=False,
+                **({"tools": tools} if tools and knows_tools else {}),
                 add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
                 continue_final_message=req.continue_final_message)
         except Exception as e:  # a template that rejects the conversation (roles, order, ...)
@@ -429,32 +454,52 @@ class OpenAIServing:
     async def create_chat_completion(self, req: ChatCompletionRequest, key_name: str | None = None):
         self.check_model(req.model)
         self._check_unsupported(req)
-        if req.tools:
-            raise bad_request("tools are not supported yet", "tools")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-        prompt = self.chat_prompt(req)
+        tools = check_tools(req.tools or [])
+        tool_choice = resolve_choice(req.tool_choice, tools, self.enable_auto_tool_choice)
+        if tool_choice == "none":
+            tools = []
+        prompt = self.chat_prompt(req, tools)
         self._validate_prompt(prompt.token_ids)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._max_tokens(len(prompt.token_ids), requested, "max_completion_tokens")
         top = req.top_logprobs or 0
         constraint, param = self._structured_outputs(req)
+        if tool_choice not in ("none", "auto"):  # required, or a named function: the grammar enforces it
+            if constraint is not None:
+                raise bad_request(f"tool_choice {tool_choice!r} and {param} each constrain the output: give one",
+                                  "tool_choice")
+            constraint, param = grammar(tools, tool_choice, self.tool_call_parser or "smollm2"), "tools"
         params = [self._sampling_params(req, max_tokens, top if req.logprobs else None, constraint)]
         compile_seconds = await self._compile(constraint, param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         job = self._start([prompt], params, request_id, key_name, compile_seconds)
         head = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self._reported_model(req)}
+        if tools:
+            for c in job.choices:
+                c.tools = ToolCallParser()
         if req.stream:
             return self._sse_stream(req, job, {**head, "object": "chat.completion.chunk"},
                                     self._chat_chunks(req, job))
         async for _ in self._run(job):
             pass
-        return {**head, "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text},
-             "logprobs": self._chat_logprobs(c.logprobs, top) if req.logprobs else None,
-             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-            for i, c in enumerate(job.choices)], "usage": self._usage([prompt], job.choices)}
+        return {**head, "choices": [self._chat_choice(i, c, req, top) for i, c in enumerate(job.choices)],
+                "usage": self._usage([prompt], job.choices)}
+
+    def _chat_choice(self, index: int, c: _Choice, req: ChatCompletionRequest, top: int) -> dict:
+        message = {"role": "assistant", "content": c.text}
+        finish_reason = c.finish_reason
+        if c.tools is not None:
+            content, calls = c.tools.feed(c.text, final=True)
+            if calls:
+                message = {"role": "assistant", "content": content.strip() or None,
+                           "tool_calls": [call.as_dict() for call in calls]}
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        return {"index": index, "message": message,
+                "logprobs": self._chat_logprobs(c.logprobs, top) if req.logprobs else None,
+                "finish_reason": finish_reason, "stop_reason": c.stop_reason}
 
     @staticmethod
     def _chat_logprobs(entries: list[dict[int, Logprob]], top: int) -> dict:
@@ -473,13 +518,23 @@ class OpenAIServing:
         top = req.top_logprobs or 0
         async for index, choice, delta in self._run(job):
             final = delta.finish_reason is not None
-            if not (delta.text or delta.logprobs or final):
+            text, calls = delta.text, []
+            if choice.tools is not None:  # text that may be a call is held back until it is known
+                text, calls = choice.tools.feed(delta.text, final=final)
+            if not (text or calls or delta.logprobs or final):
                 continue
             if not choice.started:  # the role opens each choice, with its first output (as vLLM)
                 choice.started = True
                 yield {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None}
-            yield {"index": index, "delta": {"content": delta.text} if delta.text else {},
+            out = {"content": text} if text else {}
+            if calls:
+                first = len(choice.tools.calls) - len(calls)
+                out["tool_calls"] = [{"index": first + i, **call.as_dict()} for i, call in enumerate(calls)]
+            finish_reason = choice.finish_reason
+            if final and finish_reason == "stop" and choice.tools is not None and choice.tools.calls:
+                finish_reason = "tool_calls"
+            yield {"index": index, "delta": out,
                    "logprobs": self._chat_logprobs(delta.logprobs, top) if req.logprobs and delta.logprobs else None,
-                   "finish_reason": choice.finish_reason if final else None,
+                   "finish_reason": finish_reason if final else None,
                    **({"stop_reason": choice.stop_reason} if final else {})}
