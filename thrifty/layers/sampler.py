@@ -357,8 +357,6 @@ class Sampler:
             return SamplerOutput([], [], [])
         raw = logits.float()  # no copy for float32 input, so nothing below may write in place
 
-        processed = process_logits(raw, inputs)
-
         random_rows = [i for i, inp in enumerate(inputs) if not inp.params.greedy]
         if only_argmax(inputs):
             fast = _native_greedy(raw)
@@ -366,6 +364,7 @@ class Sampler:
                 tokens, token_logprobs = fast[0].tolist(), fast[1].tolist()
                 mask_greedy_picks(raw, tokens, token_logprobs, inputs)
                 return greedy_output(tokens, token_logprobs, inputs)
+        processed = process_logits(raw, inputs)  # (not before: the native pick needs none of it)
         if len(random_rows) == len(inputs):
             tokens = _sample_random(processed, inputs, self.default_generator(raw.device))
         else:

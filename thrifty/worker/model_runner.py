@@ -332,7 +332,6 @@ class ModelRunner:
                                     zip(result.token_ids, result.logprobs, result.top_logprobs)]
         return tokens
 
-
     def _grammar_masks(self, sampled: list[tuple[CachedRequestState, list[int]]],
                        inputs: list[SamplingInput]) -> set[str]:
         """Gives the rows of constrained requests their grammar's mask; returns those requests."""

@@ -24,8 +24,8 @@ from thrifty.entrypoints.openai.protocol import (
     _SamplingFields,
 )
 from thrifty.entrypoints.openai.errors import APIError, bad_request
-from thrifty.entrypoints.openai.tools import (ToolCallParser, check_tools, grammar, resolve_choice, system_prompt,
-                                              tool_turn_as_text)
+from thrifty.entrypoints.openai.tools import (ToolCallParser, check_tools, grammar, parse, resolve_choice,
+                                              system_prompt, tool_turn_as_text)
 from thrifty.outputs import CompletionOutput, Logprob, RequestOutput
 from thrifty.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -81,7 +81,7 @@ class OpenAIServing:
         # tool_choice "auto" needs both (as vLLM); required and named choices work without them,
         # in the parser's format (the default model's, smollm2, if none is named).
         self.enable_auto_tool_choice = enable_auto_tool_choice and tool_call_parser is not None
-        self.tool_call_parser = tool_call_parser
+        self.tool_call_parser = tool_call_parser or "smollm2"
         self.trust_request_chat_template = trust_request_chat_template
         self.key_usage_observer = key_usage_observer  # (key name, prompt tokens, generated tokens, cost)
         self.engine = llm.engine
@@ -427,13 +427,13 @@ class OpenAIServing:
             if m.name is not None:
                 msg["name"] = m.name
             if not knows_tools:  # (with tool_choice "none" too, so that the history stays readable)
-                msg = tool_turn_as_text(msg, m.tool_calls, self.tool_call_parser or "smollm2")
+                msg = tool_turn_as_text(msg, m.tool_calls, self.tool_call_parser)
             elif m.tool_calls is not None or m.tool_call_id is not None:
                 msg.update({k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id))
                             if v is not None})
             messages.append(msg)
         if tools and not knows_tools:
-            prompt = system_prompt(tools, self.tool_call_parser or "smollm2")
+            prompt = system_prompt(tools, self.tool_call_parser)
             if messages and messages[0]["role"] == "system":
                 messages[0] = {**messages[0], "content": prompt + "\n\n" + messages[0]["content"]}
             else:
@@ -470,7 +470,7 @@ class OpenAIServing:
             if constraint is not None:
                 raise bad_request(f"tool_choice {tool_choice!r} and {param} each constrain the output: give one",
                                   "tool_choice")
-            constraint, param = grammar(tools, tool_choice, self.tool_call_parser or "smollm2"), "tools"
+            constraint, param = grammar(tools, tool_choice, self.tool_call_parser), "tools"
         params = [self._sampling_params(req, max_tokens, top if req.logprobs else None, constraint)]
         compile_seconds = await self._compile(constraint, param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -492,10 +492,9 @@ class OpenAIServing:
         message = {"role": "assistant", "content": c.text}
         finish_reason = c.finish_reason
         if c.tools is not None:
-            content, calls = c.tools.feed(c.text, final=True)
+            content, calls = parse(c.text)
             if calls:
-                message = {"role": "assistant", "content": content.strip() or None,
-                           "tool_calls": [call.as_dict() for call in calls]}
+                message = {"role": "assistant", "content": content, "tool_calls": [call.as_dict() for call in calls]}
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         return {"index": index, "message": message,
                 "logprobs": self._chat_logprobs(c.logprobs, top) if req.logprobs else None,

@@ -207,7 +207,5 @@ def _partial_suffix(text: str, tag: str) -> int:
 
 def parse(text: str) -> tuple[str | None, list[ToolCall]]:
     """A whole answer's content (None if only calls) and tool calls."""
-    parser = ToolCallParser()
-    content, calls = parser.feed(text, final=True)
-    content = content.strip() if calls else content
-    return (content or None) if calls else content, calls
+    content, calls = ToolCallParser().feed(text, final=True)
+    return (content.strip() or None, calls) if calls else (content, calls)
