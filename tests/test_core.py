@@ -172,8 +172,9 @@ class Sim:
     """Scheduler + KV cache manager + fake model, driven like LLMEngine.step."""
 
     def __init__(self, num_blocks, block_size, *, max_num_seqs=256, budget=8192, max_model_len=None,
-                 policy="continuous", caching=True, spec=None):
-        self.cfg = SchedulerConfig(max_num_seqs, budget, max_model_len or num_blocks * block_size, policy)
+                 policy="continuous", caching=True, spec=None, **scheduling):
+        self.cfg = SchedulerConfig(max_num_seqs, budget, max_model_len or num_blocks * block_size, policy,
+                                   **scheduling)
         assert num_blocks * block_size >= self.cfg.max_model_len
         self.kv = KVCacheManager(num_blocks, block_size, caching)
         self.sched = Scheduler(self.cfg, self.kv)
@@ -1192,20 +1193,18 @@ def scenarios(draw, tight=False):
                 num_blocks=num_blocks, budget=budget, max_num_seqs=max_num_seqs, aborts=aborts, spec=spec)
 
 
-def run_scenario(sc):
-    spec = sc.get("spec")
-    sim = Sim(sc["num_blocks"], sc["bs"], max_num_seqs=sc["max_num_seqs"], budget=sc["budget"],
-              max_model_len=sc["max_model_len"], policy=sc["policy"], caching=sc["caching"],
-              spec=None if spec is None else (spec[0], spec[1], random.Random(spec[2])))
-    static = sc["policy"] == "static"
+def scenario_requests(sc, **fields_of_group):
+    """A scenario's requests: by arrival step, by group (n > 1 siblings share a group), and the
+    groups to abort by step. fields_of_group: Request fields, a function of the group's index."""
     arrivals: dict[int, list[list[Request]]] = {}
     group_reqs: list[list[Request]] = []
     for g, (prompt, params, n, at) in enumerate(sc["groups"]):
         reqs, leader = [], None
+        extra = {name: field(g, at) for name, field in fields_of_group.items()}
         for i in range(n):
             rid = f"g{g}" if n == 1 else f"{i}_g{g}"
             r = Request(rid, prompt, SamplingParams(**params), eos_token_ids=EOS_SET,
-                        cache_salt=f"g{g}" if n > 1 else None, leader=leader)
+                        cache_salt=f"g{g}" if n > 1 else None, leader=leader, **extra)
             leader = leader or (r if n > 1 else None)
             reqs.append(r)
         group_reqs.append(reqs)
@@ -1213,6 +1212,16 @@ def run_scenario(sc):
     aborts: dict[int, list[int]] = {}
     for at, g in sc["aborts"]:
         aborts.setdefault(at, []).append(g)
+    return arrivals, group_reqs, aborts
+
+
+def run_scenario(sc):
+    spec = sc.get("spec")
+    sim = Sim(sc["num_blocks"], sc["bs"], max_num_seqs=sc["max_num_seqs"], budget=sc["budget"],
+              max_model_len=sc["max_model_len"], policy=sc["policy"], caching=sc["caching"],
+              spec=None if spec is None else (spec[0], spec[1], random.Random(spec[2])))
+    static = sc["policy"] == "static"
+    arrivals, group_reqs, aborts = scenario_requests(sc)
     aborted: set[str] = set()
     last_arrival = max(arrivals)
     total_tokens = sum(len(p) + min(pa["max_tokens"], sc["max_model_len"]) for p, pa, n, _ in sc["groups"]

@@ -311,6 +311,11 @@ def test_tokenize_detokenize(server, llm):
     ("/tokenize", {"messages": []}, 400, "messages", "at least 1"),
     ("/tokenize", b'{"prompt": "\\ud800"}', 400, "prompt", "tokenized"),
     ("/v1/nowhere", {}, 404, None, "Not Found"),
+    ("/v1/completions", {"prompt": "hi", "priority": 1}, 400, "priority", "--scheduling-policy priority"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "priority": -2}, 400, "priority",
+     "under fcfs every request has priority 0"),
+    ("/v1/completions", {"prompt": "hi", "priority": True}, 400, "priority", "integer"),
+    ("/v1/completions", {"prompt": "hi", "priority": 1 << 63}, 400, "priority", "less than or equal"),
 ])
 def test_errors_are_openai_error_objects(server, path, body, status, param, words):
     kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}

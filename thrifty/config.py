@@ -144,7 +144,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
-    scheduler_policy: str = "continuous"
+    scheduler_policy: str = "continuous"  # batching: "continuous" or "static"
+    scheduling_policy: str = "fcfs"  # queue order (vLLM's name): "fcfs" or "priority"
+    priority_aging_seconds: float = 30.0  # priority: a wait this long earns a protected seat
+    priority_aging_seats: int = 1  # priority: seats kept for requests waiting past the aging threshold
     num_threads: int | None = None  # CPU threads for torch; default: all cores
     backend: str = "auto"  # "native" (C++ CPU kernels), "torch" (the reference), "auto": native where it runs
     quantization: str = "auto"  # see QUANTIZATIONS
@@ -155,6 +158,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.speculative = (None if self.speculative_config is None
                             else SpeculativeConfig.parse(self.speculative_config))
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        if self.scheduling_policy == "priority" and self.scheduler_policy != "continuous":
+            raise ValueError("scheduling_policy priority needs the continuous scheduler, not static batches")
         if self.speculative is not None and self.scheduler_policy != "continuous":
             raise ValueError("speculative_config: speculative decoding needs the continuous scheduler")
         if self.backend not in BACKENDS:

@@ -35,6 +35,7 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    priority: int = 0  # what it was scheduled with: metrics label its latencies by it
 
     @property
     def time_in_queue(self) -> float | None:

@@ -49,6 +49,8 @@ class Request:
     # even when prefix caching is off, and followers wait for the leader's prefill.
     cache_salt: str | None = None
     leader: Request | None = field(default=None, repr=False)
+    priority: int = 0  # --scheduling-policy priority: lower is served first
+
 
     output_token_ids: list[int] = field(default_factory=list)
     # Proposed next tokens (speculative decoding), verified by the next step that computes them.
@@ -59,6 +61,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
+    # Priority scheduling: set once the request has waited past the aging threshold and holds a
+    # seat of the aging lane (never a priority victim from then on).
+    protected: bool = False
+    arrival_seq: int = 0  # tie-break after arrival_time, set by the scheduler
 
     @property
     def num_prompt_tokens(self) -> int:

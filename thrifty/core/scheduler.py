@@ -12,12 +12,28 @@ Policies:
   transformers' `generate`: a member that finished early is returned at once, but it stays in
   the batch as a padding row (its last position recomputed, nothing sampled) and keeps its
   blocks until the whole batch is done.
+
+Queue order (`scheduling`):
+- fcfs (default): arrival order, as above.
+- priority: lower `Request.priority` first, then arrival. Each step walks running and waiting
+  requests together in that order, so the token budget goes to the most urgent first; running
+  requests it does not reach are deferred (they keep their KV and resume next step). A waiting
+  request takes the seat or blocks it lacks from running requests of strictly lower priority
+  (larger number) that this step has not scheduled, least urgent first; equal priorities never
+  preempt each other. A victim's full blocks stay in the prefix cache, so it recomputes only
+  what was evicted meanwhile. Aging: a request that has waited `priority_aging_seconds` gets
+  one of `priority_aging_seats` protected seats as they free up, oldest first; a protected
+  request is walked first and never a priority victim, which bounds every request's wait
+  (docs/server.md, "Priority scheduling").
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from thrifty.core.block_pool import KVCacheBlock
@@ -32,10 +48,22 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 8192
     policy: str = "continuous"  # or "static"
+    scheduling: str = "fcfs"  # queue order: or "priority"
+    priority_aging_seconds: float = 30.0  # priority: a wait this long earns a protected seat
+    priority_aging_seats: int = 1  # priority: protected seats (0: no aging)
 
     def __post_init__(self) -> None:
         if self.policy not in ("continuous", "static"):
             raise ValueError(f"scheduler policy must be 'continuous' or 'static', got {self.policy!r}")
+        if self.scheduling not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.scheduling!r}")
+        if self.scheduling == "priority" and self.policy == "static":
+            raise ValueError("priority scheduling needs the continuous scheduler, not static batches")
+        if self.priority_aging_seconds < 0:
+            raise ValueError(f"priority_aging_seconds must be >= 0, got {self.priority_aging_seconds}")
+        if not 0 <= self.priority_aging_seats <= self.max_num_seqs:
+            raise ValueError(f"priority_aging_seats must be between 0 and max_num_seqs ({self.max_num_seqs}), "
+                             f"got {self.priority_aging_seats}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -135,6 +163,8 @@ class SchedulerStats:
     prefix_cache_queries: int  # cumulative, in tokens
     prefix_cache_hits: int
     num_preemptions: int  # cumulative
+    num_priority_preemptions: int = 0  # cumulative: of those, made for a more urgent waiting request
+    num_recovered_tokens: int = 0  # cumulative: prefix-cache hits of preempted requests on re-admission
 
 
 class Scheduler:
@@ -146,14 +176,28 @@ class Scheduler:
         self.padding: list[Request] = []  # static: finished members of the running batch
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_priority_preemptions = 0
+        self.num_recovered_tokens = 0
         self.spec_stats = SpecDecodeStats()
+        self.by_priority = config.scheduling == "priority"
+        self.clock: Callable[[], float] = time.monotonic  # aging's clock (the arrival times' clock)
+        self._num_added = 0
+        self._protected: set[str] = set()
         self._sent: set[str] = set()  # requests the runner holds (sent as new, not freed since)
         self._freed: set[str] = set()  # blocks freed since the last schedule(): the runner forgets them
 
     # -- queue management -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        request.arrival_seq = self._num_added
+        self._num_added += 1
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        if self.by_priority:
+            bisect.insort(self.waiting, request, key=urgency)
+        else:
+            self.waiting.append(request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -165,6 +209,13 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    def num_waiting_ahead_of(self, priority: int) -> int:
+        """Waiting requests a new request of this priority would queue behind."""
+        if not self.by_priority:
+            return len(self.waiting)
+        # list() copies in one step of C, so the server's thread may ask while a step runs.
+        return sum(1 for r in list(self.waiting) if r.protected or r.priority <= priority)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """Stop a request (abort, stop string) and free its blocks, at once or, for a member of a
@@ -178,6 +229,7 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         request.status = status
+        self._protected.discard(request_id)
         if was_running and self.config.policy == "static" and status != RequestStatus.FINISHED_ABORTED:
             self.padding.append(request)
         else:
@@ -200,25 +252,17 @@ class Scheduler:
         self.kv.begin_step()
         budget = self.config.max_num_batched_tokens
         static = self.config.policy == "static"
+        if self.by_priority:
+            self._schedule_by_priority(out, budget)
+            return out
         if static and not self.running:
             self._admit_static_batch()
 
         i = 0
         while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            behind = request.num_tokens - request.num_computed_tokens
-            # Proposals ride along only with a request that is otherwise up to date, as far as
-            # the budget and free blocks allow (never at the cost of a preemption).
-            drafts = request.spec_token_ids[:max(0, budget - 1)] if behind == 1 else []
-            request.spec_token_ids = []
-            new_blocks = self.kv.allocate_slots(request, behind + len(drafts)) if drafts else None
-            if new_blocks is None:
-                drafts = []
-                new_blocks = self._allocate_or_preempt(request, min(behind, budget), out)
-                if new_blocks is None:
-                    break  # the request itself was preempted
-            num_new = min(behind, budget) + len(drafts)
-            self._schedule(out, request, num_new, new_blocks, drafts)
+            num_new = self._schedule_running(out, self.running[i], budget, self.running.pop)
+            if num_new is None:
+                break  # the request itself was preempted
             budget -= num_new
             i += 1
         for request in self.padding[:budget]:
@@ -229,26 +273,123 @@ class Scheduler:
             self._admit_waiting(out, budget)
         return out
 
-    def _allocate_or_preempt(self, request: Request, num_new: int,
-                             out: SchedulerOutput) -> list[KVCacheBlock] | None:
-        while (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
-            # Out of blocks: recompute the most recently admitted request later.
-            victim = self.running.pop()
-            self._preempt(victim)
-            out.preempted.append(victim)
-            out.preempted_req_ids.add(victim.request_id)
-            if victim is request:
-                return None
-        return new_blocks
+    def _schedule_running(self, out: SchedulerOutput, request: Request, budget: int,
+                          pop_victim: Callable[[], Request]) -> int | None:
+        """Schedules a running request's next tokens; None if it was preempted itself. Out of
+        blocks, it preempts requests from pop_victim (which ends with the request itself)."""
+        behind = request.num_tokens - request.num_computed_tokens
+        # Proposals ride along only with a request that is otherwise up to date, as far as
+        # the budget and free blocks allow (never at the cost of a preemption).
+        drafts = request.spec_token_ids[:max(0, budget - 1)] if behind == 1 else []
+        request.spec_token_ids = []
+        new_blocks = self.kv.allocate_slots(request, behind + len(drafts)) if drafts else None
+        if new_blocks is None:
+            drafts = []
+            while (new_blocks := self.kv.allocate_slots(request, min(behind, budget))) is None:
+                # Out of blocks: recompute a later request (the newest, or the least urgent) later.
+                victim = pop_victim()
+                self._preempt(victim, out)
+                if victim is request:
+                    return None
+        num_new = min(behind, budget) + len(drafts)
+        self._schedule(out, request, num_new, new_blocks, drafts)
+        return num_new
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request)  # the runner learns of it through preempted_req_ids
         self._sent.discard(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        out.preempted.append(request)
+        out.preempted_req_ids.add(request.request_id)
+        if self.by_priority:
+            self._enqueue(request)  # back to its (priority, arrival) place
+        else:
+            self.waiting.appendleft(request)
+
+    # -- priority scheduling ------------------------------------------------------------
+    def _schedule_by_priority(self, out: SchedulerOutput, budget: int) -> None:
+        self._protect_starving()
+        self.running.sort(key=urgency)
+        # One walk over running and waiting requests in urgency order. Victims are always
+        # requests this walk has not reached (so never one scheduled in this step): the running
+        # list is sorted, and admitted requests are appended to it already scheduled.
+        walk = heapq.merge(((urgency(r), 0, r) for r in list(self.running)),
+                           ((urgency(r), 1, r) for r in list(self.waiting)))
+        admitting = True
+        for _, waiting, request in walk:
+            if budget <= 0:
+                break
+            if not waiting:
+                if request.status != RequestStatus.RUNNING:
+                    continue  # preempted earlier in this walk
+                num_preempted = len(out.preempted)
+                num_new = self._schedule_running(out, request, budget, lambda: self._pop_least_urgent(out))
+                if len(out.preempted) > num_preempted:
+                    admitting = False  # memory is short: no admissions into what was just freed
+                budget -= num_new or 0
+            elif admitting and not self._waits_for_leader(request):
+                if out.preempted and urgency(request) > min(map(urgency, out.preempted)):
+                    admitting = False  # never admit a request less urgent than one just preempted
+                    continue
+                num_new = self._admit_by_priority(out, request, budget)
+                if num_new is None:
+                    admitting = False  # nothing less urgent may overtake it
+                budget -= num_new or 0
+
+    def _admit_by_priority(self, out: SchedulerOutput, request: Request, budget: int) -> int | None:
+        """Admits a waiting request, taking the seat and blocks it needs from running requests
+        of strictly lower priority; the tokens it was scheduled, or None if it must wait."""
+        while len(self.running) >= self.config.max_num_seqs:
+            if not self._preempt_for(request, out):
+                return None
+        hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+        num_new = min(request.num_tokens - num_hit, budget)
+        while (new_blocks := self.kv.allocate_slots(request, num_new, hit_blocks)) is None:
+            if not self._preempt_for(request, out):
+                return None
+        self.waiting.remove(request)
+        self._start(request, num_hit)
+        self._schedule(out, request, num_new, new_blocks)
+        return num_new
+
+    def _preempt_for(self, request: Request, out: SchedulerOutput) -> bool:
+        """Preempts the least urgent running request not yet scheduled in this step, if it may
+        yield to `request`: it is not protected and its priority is strictly lower (a protected
+        request may take from any unprotected one)."""
+        victim = self._least_urgent_unscheduled(out)
+        if victim is None or victim.protected or not (request.protected or victim.priority > request.priority):
+            return False
+        self.running.remove(victim)
+        self._preempt(victim, out)
+        self.num_priority_preemptions += 1
+        return True
+
+    def _least_urgent_unscheduled(self, out: SchedulerOutput) -> Request | None:
+        return next((r for r in reversed(self.running) if r.request_id not in out.num_scheduled_tokens), None)
+
+    def _pop_least_urgent(self, out: SchedulerOutput) -> Request:
+        # Called while scheduling a running request not yet scheduled, so there is one: at worst itself.
+        victim = self._least_urgent_unscheduled(out)
+        self.running.remove(victim)
+        return victim
+
+    def _protect_starving(self) -> None:
+        """Gives free aging seats to the requests that have waited longest past the threshold."""
+        cfg = self.config
+        while len(self._protected) < cfg.priority_aging_seats:
+            deadline = self.clock() - cfg.priority_aging_seconds
+            starving = [r for r in self.waiting if not r.protected and r.arrival_time <= deadline]
+            if not starving:
+                return
+            oldest = min(starving, key=lambda r: (r.arrival_time, r.arrival_seq))
+            self.waiting.remove(oldest)
+            oldest.protected = True
+            self._protected.add(oldest.request_id)
+            self._enqueue(oldest)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Request] = []
@@ -291,6 +432,8 @@ class Scheduler:
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = num_hit
             request.first_scheduled_time = time.monotonic()
+        elif request.num_preemptions:
+            self.num_recovered_tokens += num_hit  # work a preemption did not lose
         self.running.append(request)
 
     def _schedule(self, out: SchedulerOutput, request: Request, num_new: int,
@@ -321,6 +464,8 @@ class Scheduler:
             prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
+            num_priority_preemptions=self.num_priority_preemptions,
+            num_recovered_tokens=self.num_recovered_tokens,
         )
 
     # -- after the model ran ------------------------------------------------------------
@@ -360,3 +505,11 @@ class Scheduler:
         if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None
+
+
+def urgency(request: Request) -> tuple:
+    """Priority scheduling's order: protected requests first (oldest first), then by priority
+    (lower first), arrival and the order requests were added."""
+    if request.protected:
+        return (0, request.arrival_time, request.arrival_seq)
+    return (1, request.priority, request.arrival_time, request.arrival_seq)

@@ -86,19 +86,23 @@ class AsyncLLM:
         """Requests queued and not yet admitted (including adds not yet handed to the engine)."""
         return self.engine.num_waiting_requests() + self._num_pending_adds
 
+    def num_waiting_ahead_of(self, priority: int) -> int:
+        """Queued requests a new one of this priority would wait behind (all of them under fcfs)."""
+        return self.engine.num_waiting_ahead_of(priority) + self._num_pending_adds
+
     @property
     def num_running(self) -> int:
         return self.engine.num_running_requests()
 
     # -- requests -----------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """add_request() and its outputs in one call."""
-        async for out in self.add_request(prompt_token_ids, params, request_id, prompt):
+        async for out in self.add_request(prompt_token_ids, params, request_id, prompt, priority):
             yield out
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                    prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+                    prompt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Queues the request now (so it counts as waiting at once) and returns an iterator of
         RequestOutputs whose choices carry only what is new since the last one. Raises ValueError
         for a bad prompt before anything is queued. Leaving the iteration early (a client gone)
@@ -106,6 +110,7 @@ class AsyncLLM:
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running")
         self.engine.validate(prompt_token_ids)
+        self.engine.check_priority(priority)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stream = _Stream(asyncio.Queue(), [0] * params.n, [0] * params.n, [0] * params.n)
@@ -119,7 +124,7 @@ class AsyncLLM:
                 return  # aborted before it reached the engine
             try:
                 self.engine.add_request({"prompt": prompt, "prompt_token_ids": prompt_token_ids}, params,
-                                        request_id, arrival)
+                                        request_id, arrival, priority)
             except Exception as e:  # delivered to the one request that caused it
                 self._finish_stream(request_id, e)
 

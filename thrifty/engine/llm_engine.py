@@ -128,10 +128,17 @@ class LLMEngine:
                 f"fewer than one full-length request (max_model_len={self.max_model_len}); "
                 f"raise kv_cache_memory or lower max_model_len"
             )
+        seats = config.priority_aging_seats if config.scheduling_policy == "priority" else 0
+        if seats * self.max_model_len > num_blocks * config.block_size:
+            # Aging's bound holds only if every protected request can hold its whole length at once.
+            raise ValueError(f"priority_aging_seats: {seats} full-length requests (max_model_len="
+                             f"{self.max_model_len}) do not fit in the KV cache's {num_blocks * config.block_size} "
+                             f"tokens; lower it or max_model_len, or raise kv_cache_memory")
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
-                            config.scheduler_policy),
+                            config.scheduler_policy, config.scheduling_policy, config.priority_aging_seconds,
+                            config.priority_aging_seats),
             self.kv_cache_manager,
         )
         self.vocab_size = cfg.vocab_size
@@ -243,8 +250,9 @@ class LLMEngine:
             raise ValueError(f"{field}: {bad[0]} is outside the vocabulary (size {self.vocab_size})")
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+                    request_id: str | None = None, arrival_time: float | None = None, priority: int = 0) -> str:
         params = params or SamplingParams()
+        self.check_priority(priority)
         text, ids = self.tokenize_prompt(prompt)
         self.validate(ids)
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -254,7 +262,7 @@ class LLMEngine:
         if params.structured_outputs is not None:  # (a hit when the server compiled it already)
             self.structured.compile(params.structured_outputs)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        state = _RequestState(request_id, text, ids, [], RequestMetrics(arrival), params.n,
+        state = _RequestState(request_id, text, ids, [], RequestMetrics(arrival, priority=priority), params.n,
                               [None] * len(ids) if params.prompt_logprobs is not None else None)
         leader = None
         for i in range(params.n):
@@ -267,7 +275,8 @@ class LLMEngine:
             child_params.all_stop_token_ids = set(self.eos_token_ids)
             seq_id = seq_ids[i]
             req = Request(seq_id, ids, child_params, self.eos_token_ids, arrival,
-                          cache_salt=request_id if params.n > 1 else None, leader=leader)
+                          cache_salt=self._cache_salt(request_id, seq_id, params.n), leader=leader,
+                          priority=priority)
             leader = leader or (req if params.n > 1 else None)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens, params.stop,
                                            params.include_stop_str_in_output)
@@ -277,6 +286,23 @@ class LLMEngine:
         for seq in state.seqs:
             self.scheduler.add_request(seq.request)
         return request_id
+
+    def check_priority(self, priority: int) -> None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority: must be an integer, got {priority!r}")
+        if priority and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority: {priority} needs the priority scheduling policy (--scheduling-policy "
+                             f"priority); under fcfs every request has priority 0")
+
+    def _cache_salt(self, request_id: str, seq_id: str, n: int) -> str | None:
+        # n > 1: the siblings share prompt blocks even with prefix caching off. Priority scheduling
+        # with caching off: a request's own blocks stay findable by itself alone, so a preempted
+        # request resumes from them instead of recomputing everything.
+        if n > 1:
+            return request_id
+        if self.config.scheduling_policy == "priority" and not self.config.enable_prefix_caching:
+            return seq_id
+        return None
 
     def abort_request(self, request_id: str) -> None:
         state = self._states.pop(request_id, None)
@@ -304,6 +330,9 @@ class LLMEngine:
 
     def num_waiting_requests(self) -> int:
         return self.scheduler.num_waiting
+
+    def num_waiting_ahead_of(self, priority: int) -> int:
+        return self.scheduler.num_waiting_ahead_of(priority)
 
     def num_running_requests(self) -> int:
         return self.scheduler.num_running

@@ -46,6 +46,12 @@ class _EngineStateCollector:
              stats.kv_cache_usage),
             (CounterMetricFamily, "vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
              stats.num_preemptions),
+            (CounterMetricFamily, "thrifty:priority_preemptions",
+             "Preemptions made for a more urgent waiting request (priority scheduling); also in vllm:num_preemptions.",
+             stats.num_priority_preemptions),
+            (CounterMetricFamily, "thrifty:preemption_recovered_tokens",
+             "Tokens preempted requests found in the prefix cache when re-admitted (work a preemption did not lose).",
+             stats.num_recovered_tokens),
             (CounterMetricFamily, "vllm:prefix_cache_queries",
              "Prefix cache queries, in terms of number of queried tokens.", stats.prefix_cache_queries),
             (CounterMetricFamily, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
@@ -125,8 +131,9 @@ class EngineMetrics:
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, labels + list(extra), registry=self.registry)
 
-        def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
+        def histogram(name: str, doc: str, buckets: list[float], extra: tuple[str, ...] = ()) -> Histogram:
+            h = Histogram(name, doc, labels + list(extra), buckets=buckets, registry=self.registry)
+            return h if extra else h.labels(model_name)
 
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.").labels(model_name)
         self.generation_tokens = counter("vllm:generation_tokens",
@@ -143,6 +150,13 @@ class EngineMetrics:
                              _REQUEST_BUCKETS)
         self.queue_time = histogram("vllm:request_queue_time_seconds",
                                     "Histogram of time spent in WAITING phase for request.", _REQUEST_BUCKETS)
+        # Priority scheduling's service levels: the same latencies, by priority class.
+        self.ttft_by_priority = histogram("thrifty:time_to_first_token_seconds_by_priority",
+                                          "Time to first token in seconds, by request priority.", _TTFT_BUCKETS,
+                                          ("priority_class",))
+        self.queue_time_by_priority = histogram("thrifty:request_queue_time_seconds_by_priority",
+                                                "Time spent waiting before first scheduled, by request priority.",
+                                                _REQUEST_BUCKETS, ("priority_class",))
         self.iteration_tokens = histogram("vllm:iteration_tokens_total",
                                           "Histogram of number of tokens per engine_step.", _ITERATION_BUCKETS)
         # Per API-key name (--api-key NAME=KEY), so a platform can bill its tenants.
@@ -163,9 +177,12 @@ class EngineMetrics:
             last = self._last_token_time.get(out.request_id)
             if last is None:  # the request's first tokens
                 m = out.metrics
+                label = (self.model_name, priority_class(m.priority))
                 self.ttft.observe(now - m.arrival_time)
+                self.ttft_by_priority.labels(*label).observe(now - m.arrival_time)
                 if m.first_scheduled_time is not None:
                     self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
+                    self.queue_time_by_priority.labels(*label).observe(m.first_scheduled_time - m.arrival_time)
                 self.prompt_tokens.inc(len(out.prompt_token_ids))
                 self.prompt_tokens_cached.inc(out.num_cached_tokens)
             elif new_tokens:
@@ -191,3 +208,8 @@ class EngineMetrics:
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
+
+
+def priority_class(priority: int) -> str:
+    """A bounded label for a client-chosen integer."""
+    return str(priority) if -10 <= priority <= 10 else "<-10" if priority < -10 else ">10"

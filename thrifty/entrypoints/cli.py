@@ -36,6 +36,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, default=None, help="CPU threads (default: all available cores)")
     g.add_argument("--scheduler", default=d.scheduler_policy, choices=["continuous", "static"],
                    help="static: fixed batches run to completion (a baseline for benchmarks)")
+    g.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"],
+                   help="queue order: fcfs (arrival; a request's non-zero priority is an error) or priority "
+                        "(lower 'priority' first; a more urgent request takes the seat, blocks and token budget "
+                        "of strictly less urgent ones; docs/server.md)")
+    g.add_argument("--priority-aging-seconds", type=float, default=d.priority_aging_seconds,
+                   help="priority: a request waiting this long gets a protected seat, so none starves")
+    g.add_argument("--priority-aging-seats", type=int, default=d.priority_aging_seats,
+                   help="priority: how many running requests may hold protected seats (0: no aging)")
     g.add_argument("--backend", default=d.backend, choices=["auto", "native", "torch"],
                    help="native: the C++ CPU kernels (built by make); torch: the pure-torch reference path; "
                         "auto: native where it runs (CPU, library built), else torch")
@@ -64,7 +72,9 @@ def engine_kwargs(args: argparse.Namespace, **overrides) -> dict:
               gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, num_threads=args.num_threads,
-              scheduler_policy=args.scheduler, backend=args.backend, quantization=args.quantization,
+              scheduler_policy=args.scheduler, scheduling_policy=args.scheduling_policy,
+              priority_aging_seconds=args.priority_aging_seconds, priority_aging_seats=args.priority_aging_seats,
+              backend=args.backend, quantization=args.quantization,
               quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype,
               speculative_config=args.speculative_config)
     kw.update(overrides)

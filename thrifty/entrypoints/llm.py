@@ -30,7 +30,9 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
+        """priority: one per prompt, with scheduling_policy="priority" (lower is served first)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -40,13 +42,17 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"priority: {len(priorities)} given for {len(prompts)} prompts")
         engine = self.llm_engine
         # Validate everything before any work starts, so a bad prompt rejects the whole call.
         tokenized = [engine.tokenize_prompt(p) for p in prompts]
-        for _, ids in tokenized:
+        for (_, ids), p in zip(tokenized, priorities):
             engine.validate(ids)
-        ids = [engine.add_request({"prompt": text, "prompt_token_ids": tok}, sp)
-               for (text, tok), sp in zip(tokenized, params)]
+            engine.check_priority(p)
+        ids = [engine.add_request({"prompt": text, "prompt_token_ids": tok}, sp, priority=p)
+               for (text, tok), sp, p in zip(tokenized, params, priorities)]
         return self._run(ids, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = True,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 
@@ -50,6 +50,8 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
+    # vLLM's: lower is served first, with --scheduling-policy priority (default: the key's, or 0)
+    priority: Annotated[StrictInt, Field(ge=-(1 << 63), le=(1 << 63) - 1)] | None = None
     # vLLM's extra sampling parameters
     top_k: int | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None

@@ -103,9 +103,11 @@ class OpenAIServing:
         if model is not None and model not in self.served_model_names:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
-    def check_queue(self, num_new: int) -> None:
+    def check_queue(self, num_new: int, priority: int = 0) -> None:
+        # Only the requests it would wait behind count: a backlog of less urgent ones never
+        # refuses a more urgent request.
         limit = self.llm.max_waiting_requests
-        waiting = self.llm.num_waiting
+        waiting = self.llm.num_waiting_ahead_of(priority)
         if limit is not None and waiting + num_new > limit:
             raise APIError(429, f"Too many requests waiting ({waiting} queued, {num_new} more asked, the limit is "
                            f"{limit}); retry shortly.", type="rate_limit_error", code="rate_limit_exceeded",
@@ -206,16 +208,27 @@ class OpenAIServing:
         except ValueError as e:
             raise from_value_error(e) from None
 
+    def priority(self, req: _SamplingFields, key_priority: int | None = None) -> int:
+        """The request's priority: its own or its key's default, never more urgent than its key's."""
+        priority = req.priority if req.priority is not None else key_priority or 0
+        if key_priority is not None:
+            priority = max(priority, key_priority)
+        try:
+            self.engine.check_priority(priority)
+        except ValueError as e:
+            raise from_value_error(e) from None
+        return priority
+
     def _start(self, prompts: list[_Prompt], params: list[SamplingParams], base_id: str,
-               key_name: str | None, compile_seconds: float = 0.0) -> _Job:
+               key_name: str | None, compile_seconds: float = 0.0, priority: int = 0) -> _Job:
         """Queues every prompt's engine request now, so the queue limit sees them at once; the
         first pays for compiling their grammar."""
-        self.check_queue(len(prompts))
+        self.check_queue(len(prompts), priority)
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
         outputs = []
         try:
             for rid, p, sp in zip(ids, prompts, params):
-                outputs.append(self.llm.add_request(p.token_ids, sp, rid, p.text))
+                outputs.append(self.llm.add_request(p.token_ids, sp, rid, p.text, priority))
         except ValueError as e:
             for rid in ids:
                 self.llm.abort(rid)
@@ -349,6 +362,7 @@ class OpenAIServing:
             raise bad_request("best_of other than n is not supported", "best_of")
         if req.echo and req.logprobs is not None:
             raise bad_request("echo with logprobs (prompt logprobs) is not supported yet", "echo")
+        priority = self.priority(req)
         constraint, param = self._structured_outputs(req)
         prompts = self._completion_prompts(req)
         params = []
@@ -358,7 +372,7 @@ class OpenAIServing:
             params.append(self._sampling_params(req, max_tokens, req.logprobs, constraint))
         compile_seconds = await self._compile(constraint, param)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        job = self._start(prompts, params, request_id, key_name, compile_seconds)
+        job = self._start(prompts, params, request_id, key_name, compile_seconds, priority)
         if req.echo:
             for i, choice in enumerate(job.choices):
                 p = prompts[i // req.n]
@@ -456,6 +470,7 @@ class OpenAIServing:
         self._check_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        priority = self.priority(req)
         tools = check_tools(req.tools or [])
         tool_choice = resolve_choice(req.tool_choice, tools, self.enable_auto_tool_choice)
         if tool_choice == "none":
@@ -474,7 +489,7 @@ class OpenAIServing:
         params = [self._sampling_params(req, max_tokens, top if req.logprobs else None, constraint)]
         compile_seconds = await self._compile(constraint, param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        job = self._start([prompt], params, request_id, key_name, compile_seconds)
+        job = self._start([prompt], params, request_id, key_name, compile_seconds, priority)
         head = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self._reported_model(req)}
         if tools:
