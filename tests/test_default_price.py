@@ -190,3 +190,39 @@ def test_resolve_price_on_cpu_logs_the_estimate(monkeypatch, caplog):
         choice = resolve_price(None, EngineConfig(device="cpu"))
     assert choice.source == "estimate" and choice.price_per_hour_usd > 0
     assert "estimate:" in caplog.text and "--price-per-hour sets it" in caplog.text
+
+
+# ---- a real server ---------------------------------------------------------------------------------
+
+def _price_info(url: str) -> tuple[dict[str, str], float]:
+    import httpx2 as httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text)}
+    info = families["thrifty:price_info"].samples[0]
+    price = families["thrifty:price_per_hour_usd"].samples[0]
+    assert set(price.labels) == {"model_name"}  # the existing series keeps its label set
+    return info.labels, price.value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, source", [((), "estimate"), (("--price-per-hour", "0"), "off")])
+def test_server_shows_cost_by_default_and_zero_turns_it_off(flags, source):
+    import openai
+    from conftest import Server
+
+    srv = Server("--kv-cache-memory", "0.1", "--max-model-len", "512", *flags)
+    try:
+        labels, price = _price_info(srv.url)
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+        model = client.models.list().data[0].id
+        r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4, temperature=0)
+    finally:
+        assert srv.stop() == 0
+    assert labels["source"] == source
+    if source == "estimate":
+        # The very first request is priced, at the estimate the log line and the label name.
+        assert r.usage.cost_usd > 0 and price > 0
+        assert labels["entry"] in ("AWS c7a.xlarge", "AWS c7i.xlarge") and "scaled to" in labels["detail"]
+    else:
+        assert r.usage.cost_usd == 0 and price == 0 and labels["detail"] == "--price-per-hour 0"
