@@ -181,6 +181,12 @@ def test_resolve_price_on_cuda_asks_torch_for_the_gpu_name(monkeypatch, caplog):
     assert (choice.source, choice.entry, choice.price_per_hour_usd) == ("table", "NVIDIA L40S", 1.861)
     assert "price: $1.861/h, table: NVIDIA L40S" in caplog.text
     assert resolve_price(0.5, config).source == "flag"  # the flag: torch is not asked
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="thrifty.server"):
+        assert resolve_price(None, config).price_per_hour_usd == 0.0
+        resolve_price(0, config)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]  # only the unexpected 0 warns
 
 
 def test_resolve_price_on_cpu_logs_the_estimate(monkeypatch, caplog):

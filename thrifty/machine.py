@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -109,3 +110,10 @@ def machine_share(affinity: int | None = None, root: str | Path = CGROUP_ROOT,
     known = [b for b in (mem_total_bytes(meminfo), cgroup_memory_limit_bytes(root, proc_cgroup)) if b is not None]
     return MachineShare(vcpus=vcpus, memory_gib=min(known) / GiB if known else None,
                         host_cpus=os.cpu_count() or cpus)
+
+
+@cache
+def usable_vcpus() -> float:
+    """This process's vCPUs, read once: what its CPU seconds are shared over when they are turned into
+    the priced instance's wall time (the CPU estimate is scaled to the same count)."""
+    return machine_share().vcpus

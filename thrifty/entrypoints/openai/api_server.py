@@ -240,7 +240,9 @@ def resolve_price(given: float | None, config: EngineConfig, vcpus: float | None
 
         gpu_name = torch.cuda.get_device_name(torch.device(config.resolve_device()))
     choice = server_price(given, gpu_name, vcpus=vcpus)
-    (logger.warning if choice.source == "off" and given is None else logger.info)(choice.describe())
+    # No price where one was expected (a GPU the table lacks) is worth a warning; 0 by request is not.
+    level = logging.WARNING if choice.source == "off" and given is None else logging.INFO
+    logger.log(level, choice.describe())
     return choice
 
 
