@@ -33,3 +33,8 @@ def cpu_flags_line() -> str:
 
 def cpu_flags() -> set[str]:
     return set(cpu_flags_line().split())
+
+
+def cpu_vendor() -> str:
+    """x86's vendor_id ("GenuineIntel", "AuthenticAMD"); "" where /proc/cpuinfo gives none (ARM)."""
+    return _first_cpu().get("vendor_id", "")

@@ -26,17 +26,21 @@ from thrifty.cost.planner import (
     plan_capacity,
 )
 from thrifty.cost.prices import (
+    PriceChoice,
     PriceEntry,
     PriceTable,
     load_prices,
     merge_prices,
+    price_for_cpu,
     price_for_device,
+    server_price,
 )
 
 __all__ = [
     "CostPerToken", "DailyInferenceCost", "TrainingVsInference", "cost_per_token", "daily_inference_cost",
     "training_vs_inference",
-    "PriceEntry", "PriceTable", "load_prices", "merge_prices", "price_for_device",
+    "PriceChoice", "PriceEntry", "PriceTable", "load_prices", "merge_prices", "price_for_cpu", "price_for_device",
+    "server_price",
     "Plan", "Sweep", "Workload", "load_sweep", "parse_sweep", "plan_capacity",
     "DeviceScaling", "device_scaling", "estimate_lines", "estimate_result",
 ]

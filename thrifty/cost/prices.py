@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 
 from thrifty.cost.formula import check_number, num, table_lines
+from thrifty.cpuinfo import cpu_vendor
 from thrifty.jsonio import read_json
+from thrifty.machine import machine_share
 
 PRICES_ENV = "THRIFTY_PRICES"
 KINDS = ("gpu", "cpu", "instance")
@@ -37,6 +39,8 @@ class PriceEntry:
     memory_bandwidth_gbps: float | None = None  # decode reads all weights once per step: this sets its speed
     peak_bf16_tflops: float | None = None  # dense, no sparsity: this sets prefill speed
     match: tuple[str, ...] = ()  # more ways a device reports its name, e.g. "H100 HBM3"
+    vcpus: int | None = None  # an instance's vCPUs: a CPU server's default price is scaled by them
+    cpu_vendor: str = ""  # the CPU's vendor_id in /proc/cpuinfo ("GenuineIntel", "AuthenticAMD")
     notes: str = ""
 
     @classmethod
@@ -55,7 +59,7 @@ class PriceEntry:
         if d["kind"] not in KINDS:
             raise ValueError(f"{where}: kind must be one of {KINDS}, got {d['kind']!r}")
         kw: dict = {"name": name, "kind": d["kind"], "source": str(d["source"]), "date": str(d["date"]),
-                    "notes": str(d.get("notes", ""))}
+                    "notes": str(d.get("notes", "")), "cpu_vendor": str(d.get("cpu_vendor") or "")}
         kw["price_per_hour_usd"] = check_number(f"{where}: price_per_hour_usd", d["price_per_hour_usd"],
                                                 allow_equal=True)
         for key in ("memory_gib", "memory_bandwidth_gbps", "peak_bf16_tflops"):
@@ -65,6 +69,11 @@ class PriceEntry:
         if isinstance(accelerators, bool) or not isinstance(accelerators, int) or accelerators < 0:
             raise ValueError(f"{where}: accelerators must be an integer >= 0, got {accelerators!r}")
         kw["accelerators"] = accelerators
+        vcpus = d.get("vcpus")
+        if vcpus is not None:
+            if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
+                raise ValueError(f"{where}: vcpus must be an integer >= 1, got {vcpus!r}")
+            kw["vcpus"] = vcpus
         match = d.get("match", [])
         if not isinstance(match, list) or not all(isinstance(m, str) for m in match):
             raise ValueError(f"{where}: match must be a list of strings, got {match!r}")
@@ -118,11 +127,11 @@ class PriceTable:
         return entry
 
     def lines(self) -> list[str]:
-        head = ["name", "kind", "$/hour", "accel", "mem GiB", "mem GB/s", "bf16 TFLOP/s", "date", "source"]
-        rows = [[e.name, e.kind, num(e.price_per_hour_usd), str(e.accelerators), num(e.memory_gib),
+        head = ["name", "kind", "$/hour", "accel", "vCPU", "mem GiB", "mem GB/s", "bf16 TFLOP/s", "date", "source"]
+        rows = [[e.name, e.kind, num(e.price_per_hour_usd), str(e.accelerators), num(e.vcpus), num(e.memory_gib),
                  num(e.memory_bandwidth_gbps), num(e.peak_bf16_tflops), e.date, e.source] for e in self.entries]
         out = [f"price table (list prices as of {self.as_of or 'the dates shown'}; not quotes)"]
-        out += table_lines([head, *rows], align="llrrrrrll")
+        out += table_lines([head, *rows], align="llrrrrrrll")
         if self.note:
             out += ["", self.note]
         if self.files:
@@ -191,3 +200,74 @@ def price_for_device(device_name: str, table: PriceTable | None = None) -> Price
     """The table entry for a CUDA device name (torch.cuda.get_device_name()), e.g. the server's default
     price on CUDA. Uses the built-in table merged with THRIFTY_PRICES unless a table is given."""
     return (table or load_prices()).for_device(device_name)
+
+
+@dataclass(frozen=True)
+class PriceChoice:
+    """The price a server computes its costs with, and where it came from (thrifty:price_info)."""
+    price_per_hour_usd: float
+    source: str  # "flag" (--price-per-hour), "table" (the GPU's entry), "estimate" (a CPU instance), "off"
+    entry: str = ""  # the price table entry used, if any
+    detail: str = ""  # what was chosen and why, for people
+
+    def describe(self) -> str:
+        how = "--price-per-hour sets it, 0 turns cost off"
+        if self.source == "off":
+            return f"price: none, costs are 0 ({self.detail}); {how}"
+        return f"price: ${self.price_per_hour_usd:.4g}/h, {self.source}: {self.detail}; {how}"
+
+
+def _per_vcpu(entry: PriceEntry) -> float:
+    return entry.price_per_hour_usd / entry.vcpus
+
+
+def price_for_cpu(vendor: str, vcpus: float, memory_gib: float | None = None,
+                  table: PriceTable | None = None) -> PriceChoice | None:
+    """An estimate for a CPU-only server that may use `vcpus` CPUs: the price table's CPU instance of
+    the same vendor (/proc/cpuinfo's vendor_id) with the nearest vCPU count, scaled per vCPU (cloud
+    providers price the sizes of a family in proportion to their vCPUs). Another vendor (ARM, say)
+    takes the cheapest CPU per vCPU in the table. Memory is reported, not matched: the table's CPU
+    entries are all of one memory-to-vCPU ratio, and a container sees the host's MemTotal unless a
+    cgroup limits it. None if the table has no CPU entry with a vCPU count."""
+    if vcpus <= 0:
+        raise ValueError(f"vcpus must be > 0, got {vcpus}")
+    cpus = [e for e in (table or load_prices()).entries if e.kind == "cpu" and e.vcpus]
+    if not cpus:
+        return None
+    same = [e for e in cpus if e.cpu_vendor and e.cpu_vendor == vendor]
+    if same:
+        entry = min(same, key=lambda e: (abs(e.vcpus - vcpus), _per_vcpu(e)))
+        why = ""
+    else:
+        entry = min(cpus, key=lambda e: (_per_vcpu(e), abs(e.vcpus - vcpus)))
+        why = f"; CPU vendor {vendor or 'unknown'!r} is not in the table, so its cheapest CPU per vCPU"
+    spec = f"{entry.vcpus} vCPU" + (f", {num(entry.memory_gib)} GiB" if entry.memory_gib else "")
+    mem = "" if memory_gib is None else f" ({memory_gib:.1f} GiB memory here)"
+    detail = (f"{entry.name} ({spec}, ${num(entry.price_per_hour_usd)}/h, {entry.date}) scaled to "
+              f"{vcpus:g} vCPU{mem}{why}")
+    return PriceChoice(_per_vcpu(entry) * vcpus, "estimate", entry.name, detail)
+
+
+def server_price(given: float | None, gpu_name: str | None = None, *, vcpus: float | None = None,
+                 table: PriceTable | None = None) -> PriceChoice:
+    """The price a server uses: `given` (--price-per-hour; 0 turns cost off) wins; else on a GPU
+    (`gpu_name` as CUDA reports it) its table entry; else an estimate for this machine's CPUs
+    (`vcpus`, default what this process may use: affinity capped by a cgroup quota)."""
+    if given is not None:
+        given = check_number("price_per_hour", given, allow_equal=True)
+        if given == 0:
+            return PriceChoice(0.0, "off", detail="--price-per-hour 0")
+        return PriceChoice(given, "flag", detail=f"--price-per-hour {num(given)}")
+    table = table or load_prices()
+    if gpu_name is not None:
+        entry = table.for_device(gpu_name)
+        if entry is None:
+            return PriceChoice(0.0, "off", detail=f"no price table entry for {gpu_name}")
+        return PriceChoice(entry.price_per_hour_usd, "table", entry.name,
+                           f"{entry.name} for {gpu_name} (${num(entry.price_per_hour_usd)}/h, {entry.date}, "
+                           f"{entry.source})")
+    share = machine_share()
+    estimate = price_for_cpu(cpu_vendor(), vcpus or share.vcpus, share.memory_gib, table)
+    if estimate is None:
+        return PriceChoice(0.0, "off", detail="the price table has no CPU entry with vcpus")
+    return estimate

@@ -77,7 +77,7 @@ class _ServeOptions(BaseModel):
     enable_auto_tool_choice: bool = False
     tool_call_parser: Literal["smollm2", "hermes"] | None = None
     max_waiting_requests: int = Field(1024, ge=0)  # 0: no limit
-    price_per_hour: float | None = Field(None, ge=0)  # None: 0, or the price table's entry for the GPU
+    price_per_hour: float | None = Field(None, ge=0)  # None: the table's GPU entry, or a CPU estimate (0: off)
     cost_report_interval_s: float = Field(5.0, gt=0)
 
     @field_validator("served_model_name", "api_key", mode="before")
@@ -277,10 +277,12 @@ class ThriftyServer:
         self.ledger = get_ledger(ctx.app_name, ctx.deployment)
 
         from thrifty.engine.async_llm import AsyncLLM
-        from thrifty.entrypoints.openai.api_server import _price_per_hour
+        from thrifty.entrypoints.openai.api_server import resolve_price
 
         config = self.options.engine_config()
-        self.price_per_hour = _price_per_hour(self.options.price_per_hour, config)
+        # A replica rents its num_cpus of the node, not the node: the CPU estimate is scaled to them.
+        self.price = resolve_price(self.options.price_per_hour, config, vcpus=self.options.num_cpus or None)
+        self.price_per_hour = self.price.price_per_hour_usd
         try:
             self.llm = AsyncLLM(config, max_waiting_requests=self.options.max_waiting_requests or None,
                                 price_per_hour=self.price_per_hour)
@@ -300,7 +302,7 @@ class ThriftyServer:
         names = opts.served_model_name or [self.llm.engine.model_name]
         app = build_openai_app(self.llm, names, parse_api_keys(opts.api_key), _load_chat_template(opts.chat_template),
                                str(self.llm.engine.source.path or ""), opts.trust_request_chat_template,
-                               opts.enable_auto_tool_choice, opts.tool_call_parser)
+                               opts.enable_auto_tool_choice, opts.tool_call_parser, self.price)
 
         @app.get("/cost")
         async def cost():

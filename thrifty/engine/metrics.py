@@ -13,6 +13,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from thrifty.cost.prices import PriceChoice
 from thrifty.engine.async_llm import AsyncLLM, StepObservation
 
 prometheus_client.disable_created_metrics()
@@ -30,9 +31,10 @@ _ITERATION_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1
 class _EngineStateCollector:
     """Values the engine already keeps, read at scrape time."""
 
-    def __init__(self, llm: AsyncLLM, model_name: str):
+    def __init__(self, llm: AsyncLLM, model_name: str, price: PriceChoice | None = None):
         self.llm = llm
         self.model_name = model_name
+        self.price = price
 
     def collect(self):
         llm = self.llm
@@ -63,6 +65,8 @@ class _EngineStateCollector:
             (CounterMetricFamily, "thrifty:structured_output_mask_seconds",
              "Seconds the engine spent filling structured-output token masks.", llm.engine.structured.mask_seconds),
         ]
+        if self.price is not None:
+            yield self._price_info()
         if llm.engine.spec is not None:
             rows += self._spec()
             yield self._accepted_per_pos()
@@ -99,6 +103,16 @@ class _EngineStateCollector:
             per_pos.add_metric([self.model_name, str(position)], value)
         return per_pos
 
+    def _price_info(self) -> GaugeMetricFamily:
+        """Where thrifty:price_per_hour_usd came from, as vLLM's *_info gauges carry facts: 1, with labels."""
+        price = self.price
+        info = GaugeMetricFamily("thrifty:price_info", "Where the price per hour comes from: source is flag "
+                                 "(--price-per-hour), table (the GPU's price table entry), estimate (a CPU "
+                                 "instance of the price table scaled to this server's vCPUs) or off.",
+                                 labels=["model_name", "source", "entry", "detail"])
+        info.add_metric([self.model_name, price.source, price.entry, price.detail], 1.0)
+        return info
+
     def _cost(self, now: float) -> list[tuple]:
         cost = self.llm.cost
         return [
@@ -123,9 +137,9 @@ class _EngineStateCollector:
 
 
 class EngineMetrics:
-    def __init__(self, llm: AsyncLLM, model_name: str):
+    def __init__(self, llm: AsyncLLM, model_name: str, price: PriceChoice | None = None):
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineStateCollector(llm, model_name))
+        self.registry.register(_EngineStateCollector(llm, model_name, price))
         labels = ["model_name"]
 
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:

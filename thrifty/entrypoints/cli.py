@@ -249,8 +249,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 and tokenizer routes; repeatable; NAME=KEY "
                         "also counts tokens and cost per key name (thrifty:key_* metrics)")
     g.add_argument("--price-per-hour", type=float, default=None,
-                   help="USD per hour of this server, for live cost (usage.cost_usd, thrifty:* metrics); "
-                        "default 0, or on CUDA the price table's entry for the detected GPU")
+                   help="USD per hour of this server, for live cost (usage.cost_usd, thrifty:* metrics); 0 turns "
+                        "cost off. Default: on CUDA the price table's entry for the detected GPU, on CPU an "
+                        "estimate (the table's CPU instance of the same vendor scaled to the vCPUs this server "
+                        "may use); logged at start-up and in thrifty:price_info")
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use in 'model' (default: the model's name); the first is reported")
     g.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import thrifty
 from thrifty.config import EngineConfig
+from thrifty.cost.prices import PriceChoice, server_price
 from thrifty.engine.async_llm import AsyncLLM, EngineDeadError
 from thrifty.engine.metrics import EngineMetrics
 from thrifty.entrypoints.openai.protocol import (
@@ -75,8 +76,8 @@ def parse_api_keys(values: list[str] | None) -> dict[str, str | None]:
 def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, str | None] | None = None,
               chat_template: str | None = None, model_root: str | None = None,
               trust_request_chat_template: bool = False, enable_auto_tool_choice: bool = False,
-              tool_call_parser: str | None = None) -> FastAPI:
-    metrics = EngineMetrics(llm, served_model_names[0])
+              tool_call_parser: str | None = None, price: PriceChoice | None = None) -> FastAPI:
+    metrics = EngineMetrics(llm, served_model_names[0], price)
     serving = OpenAIServing(llm, served_model_names, chat_template, metrics.observe_key_usage,
                             trust_request_chat_template, enable_auto_tool_choice, tool_call_parser)
 
@@ -229,25 +230,20 @@ def _load_chat_template(value: str | None) -> str | None:
     return value
 
 
-def _price_per_hour(given: float | None, config: EngineConfig) -> float:
-    """--price-per-hour, else on CUDA the price table's entry for the detected GPU, else 0."""
-    if given is not None:
-        if given < 0:
-            raise ValueError(f"price_per_hour must be >= 0, got {given}")
-        return given
-    if not config.resolve_device().startswith("cuda"):
-        return 0.0
-    import torch
+def resolve_price(given: float | None, config: EngineConfig, vcpus: float | None = None) -> PriceChoice:
+    """--price-per-hour (0: cost off), else on CUDA the price table's entry for the detected GPU,
+    else an estimate from the table's CPU instances scaled to the CPUs this server may use (or to
+    `vcpus`, a Ray replica's share). Logged, so the price behind every cost_usd is on record."""
+    gpu_name = None
+    if given is None and config.resolve_device().startswith("cuda"):
+        import torch
 
-    from thrifty.cost.prices import price_for_device
-
-    name = torch.cuda.get_device_name(torch.device(config.resolve_device()))
-    entry = price_for_device(name)
-    if entry is None:
-        logger.warning("no price table entry for %s: costs are 0 unless --price-per-hour is given", name)
-        return 0.0
-    logger.info("price per hour for %s: $%.2f (%s)", name, entry.price_per_hour_usd, entry.source)
-    return entry.price_per_hour_usd
+        gpu_name = torch.cuda.get_device_name(torch.device(config.resolve_device()))
+    choice = server_price(given, gpu_name, vcpus=vcpus)
+    # No price where one was expected (a GPU the table lacks) is worth a warning; 0 by request is not.
+    level = logging.WARNING if choice.source == "off" and given is None else logging.INFO
+    logger.log(level, choice.describe())
+    return choice
 
 
 def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
@@ -256,11 +252,12 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     chat_template = _load_chat_template(args.chat_template)
     api_keys = parse_api_keys(args.api_key)
+    price = resolve_price(args.price_per_hour, config)
     llm = AsyncLLM(config, max_waiting_requests=args.max_waiting_requests or None,
-                   price_per_hour=_price_per_hour(args.price_per_hour, config))
+                   price_per_hour=price.price_per_hour_usd)
     names = args.served_model_name or [llm.engine.model_name]
     app = build_app(llm, names, api_keys, chat_template, str(llm.engine.source.path or ""),
-                    args.trust_request_chat_template, args.enable_auto_tool_choice, args.tool_call_parser)
+                    args.trust_request_chat_template, args.enable_auto_tool_choice, args.tool_call_parser, price)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.shutdown_timeout,

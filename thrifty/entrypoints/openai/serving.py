@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 import uuid
@@ -26,6 +25,7 @@ from thrifty.entrypoints.openai.protocol import (
 from thrifty.entrypoints.openai.errors import APIError, bad_request
 from thrifty.entrypoints.openai.tools import (ToolCallParser, check_tools, grammar, parse, resolve_choice,
                                               system_prompt, tool_turn_as_text)
+from thrifty.machine import usable_vcpus
 from thrifty.outputs import CompletionOutput, Logprob, RequestOutput
 from thrifty.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -161,8 +161,9 @@ class OpenAIServing:
     async def _compile(self, constraint: StructuredOutputsParams | None, param: str) -> float:
         """Compiles the request's grammar off the event loop (and the engine's thread), so a long
         compile stalls neither; the engine then finds it cached. Returns the machine seconds it
-        took (its CPU seconds over the machine's cores: 0 when cached), which the request pays.
-        A grammar that does not compile is a 400 naming the field that gave it."""
+        took (its CPU seconds over the vCPUs this server may use, which its price is for: 0 when
+        cached), which the request pays. A grammar that does not compile is a 400 naming the field
+        that gave it."""
         if constraint is None:
             return 0.0
         loop = asyncio.get_running_loop()
@@ -170,7 +171,7 @@ class OpenAIServing:
             _, seconds = await loop.run_in_executor(self._compile_pool, self.engine.structured.compile, constraint)
         except ValueError as e:
             raise bad_request(f"{param}: {e}", param) from None
-        return seconds / (os.cpu_count() or 1)
+        return seconds / usable_vcpus()
 
     def _sampling_params(self, req: _SamplingFields, max_tokens: int, logprobs: int | None,
                          constraint: StructuredOutputsParams | None = None) -> SamplingParams:
