@@ -255,3 +255,96 @@ def test_collector_reads_limits_usage_and_refusals():
         ("thrifty:key_usage", "a", "rpm"): 1, ("thrifty:key_usage", "a", "usd_per_day"): 0.25,
         ("thrifty:key_limited_requests_total", "a", "rpm"): 1,
         ("thrifty:key_limited_requests_total", "a", "usd_per_day"): 0}
+
+
+# -- a real server --------------------------------------------------------------------------------
+def test_bad_key_options_fail_before_the_model_loads(tmp_path):
+    import subprocess
+    import sys
+
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "thrifty.entrypoints.cli", "serve", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    unpriced = serve("--api-key", "a=sk:usd_per_day=1", "--price-per-hour", "0")
+    assert unpriced.returncode == 2 and "usd_per_day" in unpriced.stderr and "price" in unpriced.stderr
+    f = tmp_path / "keys.yaml"
+    f.write_text("keys:\n  - {name: a, key: sk, rpm: 10, colour: red}\n")
+    bad_file = serve("--api-key-file", str(f))
+    assert bad_file.returncode == 2 and "colour" in bad_file.stderr
+
+
+PRICE = "3600"  # USD per hour: a dollar a second, so any request costs cents at least
+KEYS = {"keys": [{"name": "a", "key": "sk-a", "usd_per_day": 0.5}, {"name": "b", "key": "sk-b", "usd_per_day": 1000},
+                 {"name": "c", "key": "sk-c", "rpm": 2}]}
+
+
+def post(srv: Server, key: str, **body) -> httpx.Response:
+    return httpx.post(f"{srv.url}/v1/completions", headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                      json={"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0, **body})
+
+
+def key_metrics(srv: Server) -> dict[tuple[str, str, str], float]:
+    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    return {(s.name, s.labels["key_name"], s.labels["limit"]): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith(("thrifty:key_limit", "thrifty:key_usage"))}
+
+
+@pytest.mark.slow
+def test_budgets_and_rate_limits_on_a_real_server_and_across_a_restart(tmp_path):
+    import time
+
+    key_file, db = tmp_path / "keys.json", str(tmp_path / "usage.db")
+    key_file.write_text(json.dumps(KEYS))
+    args = ("--api-key-file", str(key_file), "--usage-db", db, "--price-per-hour", PRICE,
+            "--kv-cache-memory", "0.1", "--max-model-len", "1024")
+    srv = Server(*args)
+    try:
+        # Key a: 200s until what it spent reaches $0.50, then the next request is a 429.
+        spent = 0.0
+        for _ in range(50):
+            r = post(srv, "sk-a", max_tokens=32, ignore_eos=True)
+            if spent >= 0.5:
+                break
+            assert r.status_code == 200, r.text
+            spent += r.json()["usage"]["cost_usd"]
+        assert r.status_code == 429, r.text
+        err = r.json()["error"]
+        assert err["code"] == "budget_exceeded" and err["type"] == "rate_limit_error"
+        assert "usd_per_day" in err["message"] and f"${spent:.4f} of $0.50" in err["message"]
+        assert 1 <= int(r.headers["Retry-After"]) <= 86400
+        # Key b is unaffected; the official client sees a RateLimitError for a.
+        assert post(srv, "sk-b").status_code == 200
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="sk-a", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as e:
+            client.chat.completions.create(model=client.models.list().data[0].id,
+                                           messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert "usd_per_day" in str(e.value) and e.value.response.headers["retry-after"]
+        # Key c: rpm=2; the third request in the minute is a 429, before any other check
+        # (logit_bias alone would be a 400).
+        c_start = time.monotonic()
+        assert [post(srv, "sk-c", max_tokens=1).status_code for _ in range(2)] == [200, 200]
+        r = post(srv, "sk-c", max_tokens=1, logit_bias={"1": 1})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "rpm" in r.json()["error"]["message"] and 1 <= int(r.headers["Retry-After"]) <= 60
+        m = key_metrics(srv)
+        assert m[("thrifty:key_limit", "a", "usd_per_day")] == 0.5 and m[("thrifty:key_limit", "c", "rpm")] == 2
+        assert m[("thrifty:key_usage", "a", "usd_per_day")] == pytest.approx(spent)
+        assert m[("thrifty:key_usage", "c", "rpm")] == 2
+        assert m[("thrifty:key_limited_requests_total", "a", "usd_per_day")] == 2
+        assert m[("thrifty:key_limited_requests_total", "c", "rpm")] == 1
+    finally:
+        assert srv.stop() == 0
+    # The same database after a restart: a is still over its budget, and /metrics says by how much.
+    srv = Server(*args)
+    try:
+        r = post(srv, "sk-a")
+        assert r.status_code == 429 and "usd_per_day" in r.json()["error"]["message"] and r.headers["Retry-After"]
+        m = key_metrics(srv)
+        assert m[("thrifty:key_usage", "a", "usd_per_day")] == pytest.approx(spent)
+        if time.monotonic() - c_start < 50:  # (c's two requests are still within their minute)
+            assert m[("thrifty:key_usage", "c", "rpm")] == 2 and post(srv, "sk-c").status_code == 429
+        assert post(srv, "sk-b").status_code == 200
+    finally:
+        assert srv.stop() == 0
