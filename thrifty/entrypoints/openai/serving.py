@@ -219,7 +219,9 @@ class OpenAIServing:
                key: KeyPolicy | None, compile_seconds: float = 0.0) -> _Job:
         """Queues every prompt's engine request now, so the queue limit sees them at once; the
         first pays for compiling their grammar. Once queued, the request and its prompt tokens
-        count toward the key's rpm and tpm."""
+        count toward the key's rpm and tpm. (The key's limits are checked again: other requests of
+        the key may have been accepted while this one's grammar compiled.)"""
+        self.check_limits(key)
         self.check_queue(len(prompts))
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
         outputs = []
