@@ -205,6 +205,7 @@ def run_priority_scenario(sc):
                                                      priority=lambda g, at: sc["priorities"][g])
     aborted: set[str] = set()
     admitted_at: dict[str, int] = {}
+    finished_at: dict[str, int] = {}
     mml = sc["max_model_len"]
     l_max = max(min(len(p) + pa["max_tokens"], mml) for p, pa, _, _ in sc["groups"])
     num_reqs = sum(n for _, _, n, _ in sc["groups"])
@@ -231,6 +232,8 @@ def run_priority_scenario(sc):
         assert not out.is_empty, "nothing scheduled while requests are unfinished"
         for s in out.scheduled:
             admitted_at.setdefault(s.request.request_id, step)
+        for r in sim.finished:
+            finished_at.setdefault(r.request_id, step)
         # Priorities respected: unless memory ran short this step (then a running request may
         # preempt any less urgent one and admissions stop), no request is left waiting while a
         # request of strictly lower priority, or any unprotected one if it is protected, runs.
@@ -252,11 +255,12 @@ def run_priority_scenario(sc):
         ref, status = reference_output(r.prompt_token_ids, r.sampling_params, mml)
         assert r.output_token_ids == ref and r.status == status
         if sc["aging_seats"]:
-            # The documented bound (docs/server.md): A + (S + 1) * L_max steps, S the requests that
-            # arrived before it.
+            # The documented bound (docs/server.md): finished within A + (S + 1) * L_max steps of
+            # arriving, S the requests that arrived before it.
             ahead = sum(1 for o in sim.all.values() if (o.arrival_time, o.arrival_seq) < (r.arrival_time, r.arrival_seq))
-            wait = admitted_at[r.request_id] - r.arrival_time
-            assert wait <= sc["aging_seconds"] + (ahead + 1) * l_max + 1, f"{r.request_id} waited {wait} steps"
+            took = finished_at[r.request_id] - r.arrival_time
+            assert admitted_at[r.request_id] <= finished_at[r.request_id]
+            assert took <= sc["aging_seconds"] + (ahead + 1) * l_max, f"{r.request_id} took {took} steps"
     return sim
 
 
@@ -303,7 +307,8 @@ def priority_server():
     from conftest import Server
 
     srv = Server("--scheduling-policy", "priority", "--max-num-seqs", "1", "--max-model-len", "512",
-                 "--kv-cache-memory", "0.05")
+                 "--kv-cache-memory", "0.05", "--api-key", "vip=sk-vip:priority=-1", "--api-key",
+                 "batch=sk-batch:priority=5", "--api-key", "sk-plain")
     yield srv
     assert srv.stop() == 0
 
@@ -313,18 +318,21 @@ def test_server_urgent_request_preempts_and_both_answers_are_unchanged(priority_
     import openai
     from test_server import metrics
 
-    client = openai.OpenAI(base_url=f"{priority_server.url}/v1", api_key="none", max_retries=0)
+    # The keys' default priorities: vip -1, batch 5.
+    url = f"{priority_server.url}/v1"
+    batch = openai.OpenAI(base_url=url, api_key="sk-batch", max_retries=0)
+    vip = openai.OpenAI(base_url=url, api_key="sk-vip", max_retries=0)
     low = dict(prompt="Once upon a time, in a small village by the sea, there lived", max_tokens=120,
-               temperature=0, extra_body={"ignore_eos": True, "priority": 5})
-    vip = dict(prompt="The capital of France is", max_tokens=8, temperature=0, extra_body={"priority": -1})
-    model = client.models.list().data[0].id
-    alone_low = client.completions.create(model=model, **low).choices[0].text
-    alone_vip = client.completions.create(model=model, **vip).choices[0].text
+               temperature=0, extra_body={"ignore_eos": True})
+    urgent = dict(prompt="The capital of France is", max_tokens=8, temperature=0)
+    model = vip.models.list().data[0].id
+    alone_low = batch.completions.create(model=model, **low).choices[0].text
+    alone_vip = vip.completions.create(model=model, **urgent).choices[0].text
     before = metrics(priority_server)
     # One seat: the low request is mid-stream when the urgent one arrives and takes its seat.
-    stream = iter(client.completions.create(model=model, stream=True, **low))
+    stream = iter(batch.completions.create(model=model, stream=True, **low))
     first = next(stream).choices[0].text
-    assert client.completions.create(model=model, **vip).choices[0].text == alone_vip
+    assert vip.completions.create(model=model, **urgent).choices[0].text == alone_vip
     assert first + "".join(c.choices[0].text for c in stream) == alone_low
     after = metrics(priority_server)
     assert after["thrifty:priority_preemptions_total"] == before["thrifty:priority_preemptions_total"] + 1
@@ -339,5 +347,23 @@ def test_server_urgent_request_preempts_and_both_answers_are_unchanged(priority_
 def test_server_bad_priority_is_a_400(priority_server, priority, words):
     from test_server import http
 
-    r = http(priority_server, "POST", "/v1/completions", key=None, json={"prompt": "hi", "priority": priority})
+    r = http(priority_server, "POST", "/v1/completions", key="sk-plain", json={"prompt": "hi", "priority": priority})
     assert r.status_code == 400 and r.json()["error"]["param"] == "priority" and words in r.text
+
+
+@pytest.mark.slow
+def test_server_a_key_caps_how_urgent_its_requests_may_be(priority_server):
+    from test_server import http, metrics
+
+    def count(cls: str) -> float:
+        return metrics(priority_server).get(
+            f"thrifty:time_to_first_token_seconds_by_priority_count{{priority_class={cls}}}", 0)
+
+    before = {cls: count(cls) for cls in ("-3", "5", "7", "2")}
+    body = {"prompt": "hi", "max_tokens": 1}
+    for key, priority in (("sk-batch", -3), ("sk-batch", 7), ("sk-plain", -3), ("sk-plain", 2)):
+        assert http(priority_server, "POST", "/v1/completions", key=key,
+                    json={**body, "priority": priority}).status_code == 200
+    # batch (5) asking for -3 is served at 5; asking for 7 (less urgent) is allowed; a key
+    # without a priority takes the request's.
+    assert {cls: count(cls) - before[cls] for cls in before} == {"-3": 1, "5": 1, "7": 1, "2": 1}

@@ -378,18 +378,22 @@ class Scheduler:
         return victim
 
     def _protect_starving(self) -> None:
-        """Gives free aging seats to the requests that have waited longest past the threshold."""
+        """Gives free aging seats to the requests, waiting or running (a running one may be deferred
+        step after step), that have waited longest past the threshold."""
         cfg = self.config
         while len(self._protected) < cfg.priority_aging_seats:
             deadline = self.clock() - cfg.priority_aging_seconds
-            starving = [r for r in self.waiting if not r.protected and r.arrival_time <= deadline]
+            # (A follower waiting for its leader could not use the seat: the leader gets it first.)
+            starving = [r for r in (*self.waiting, *self.running) if not r.protected
+                        and r.arrival_time <= deadline and not self._waits_for_leader(r)]
             if not starving:
                 return
             oldest = min(starving, key=lambda r: (r.arrival_time, r.arrival_seq))
-            self.waiting.remove(oldest)
             oldest.protected = True
             self._protected.add(oldest.request_id)
-            self._enqueue(oldest)
+            if oldest.status != RequestStatus.RUNNING:
+                self.waiting.remove(oldest)
+                self._enqueue(oldest)  # to the front, among the protected
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Request] = []

@@ -71,7 +71,11 @@ class _ServeOptions(BaseModel):
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0)  # as `thrifty serve --shutdown-timeout`
     # The server (as the `thrifty serve` flags of the same names).
     served_model_name: list[str] | None = None
-    api_key: list[str] | None = None  # KEY or NAME=KEY
+    # KEY, NAME=KEY or NAME=KEY:OPTIONS; given as key=value text it is split at commas, so options with
+    # several values need a list or api_key_file.
+    api_key: list[str] | None = None
+    api_key_file: str | None = None
+    usage_db: str | None = None  # each replica checks the limits against its own usage (docs/server.md)
     chat_template: str | None = None
     trust_request_chat_template: bool = False
     enable_auto_tool_choice: bool = False
@@ -300,9 +304,10 @@ class ThriftyServer:
 
         opts = self.options
         names = opts.served_model_name or [self.llm.engine.model_name]
-        app = build_openai_app(self.llm, names, parse_api_keys(opts.api_key), _load_chat_template(opts.chat_template),
-                               str(self.llm.engine.source.path or ""), opts.trust_request_chat_template,
-                               opts.enable_auto_tool_choice, opts.tool_call_parser, self.price)
+        app = build_openai_app(self.llm, names, parse_api_keys(opts.api_key, opts.api_key_file),
+                               _load_chat_template(opts.chat_template), str(self.llm.engine.source.path or ""),
+                               opts.trust_request_chat_template, opts.enable_auto_tool_choice, opts.tool_call_parser,
+                               self.price, opts.usage_db)
 
         @app.get("/cost")
         async def cost():

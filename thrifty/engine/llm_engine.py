@@ -129,7 +129,7 @@ class LLMEngine:
                 f"raise kv_cache_memory or lower max_model_len"
             )
         seats = config.priority_aging_seats if config.scheduling_policy == "priority" else 0
-        if seats * self.max_model_len > num_blocks * config.block_size:
+        if seats * -(-self.max_model_len // config.block_size) > num_blocks:
             # Aging's bound holds only if every protected request can hold its whole length at once.
             raise ValueError(f"priority_aging_seats: {seats} full-length requests (max_model_len="
                              f"{self.max_model_len}) do not fit in the KV cache's {num_blocks * config.block_size} "

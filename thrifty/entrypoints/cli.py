@@ -247,7 +247,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", action="append", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 and tokenizer routes; repeatable; NAME=KEY "
-                        "also counts tokens and cost per key name (thrifty:key_* metrics)")
+                        "also counts tokens and cost per key name (thrifty:key_* metrics); "
+                        "NAME=KEY:rpm=60,tpm=100000,usd_per_day=5 limits requests and tokens per minute and USD "
+                        "per UTC day (429 past them), priority=N and admin=true are stored with the key "
+                        "(docs/server.md)")
+    g.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="API keys from a YAML or JSON file: 'keys: [{name, key or key_env, priority, rpm, tpm, "
+                        "usd_per_day, admin}, ...]' (with --api-key, both count)")
+    g.add_argument("--usage-db", default=None, metavar="PATH",
+                   help="SQLite file keeping each key name's usage against its limits across restarts, used only "
+                        "when a key has a limit (default: $XDG_STATE_HOME/thrifty/usage.db, else "
+                        "~/.local/state/thrifty/usage.db; ':memory:' keeps nothing)")
     g.add_argument("--price-per-hour", type=float, default=None,
                    help="USD per hour of this server, for live cost (usage.cost_usd, thrifty:* metrics); 0 turns "
                         "cost off. Default: on CUDA the price table's entry for the detected GPU, on CPU an "

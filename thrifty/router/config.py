@@ -14,11 +14,11 @@ policy, escalation); what the flags give is added to what the file gives.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from thrifty.jsonio import read_mapping
 from thrifty.router.escalation import REASONS, EscalationPolicy
 from thrifty.router.policies import POLICIES
 
@@ -92,20 +92,7 @@ def parse_escalate_on(value: str | list[str]) -> frozenset[str]:
 
 def read_file(path: str | Path) -> dict:
     """A YAML or JSON config file as a dict (JSON is YAML, but a .json file gets JSON's errors)."""
-    text = Path(path).read_text()
-    try:
-        if str(path).endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except ValueError as e:  # json.JSONDecodeError and yaml.YAMLError both derive from it
-        raise ValueError(f"config {path}: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path}: expected a mapping at the top, got {type(data).__name__}")
+    data = read_mapping(path, "config")
     known = {"policy", "backends", "backend_dns", "tiers", "tiered_model", "escalation"}
     unknown = set(data) - known
     if unknown:

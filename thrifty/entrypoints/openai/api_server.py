@@ -28,6 +28,14 @@ from thrifty.config import EngineConfig
 from thrifty.cost.prices import PriceChoice, server_price
 from thrifty.engine.async_llm import AsyncLLM, EngineDeadError
 from thrifty.engine.metrics import EngineMetrics
+from thrifty.entrypoints.openai.limits import (
+    KeyLimitsCollector,
+    KeyPolicy,
+    Limiter,
+    check_priced,
+    check_priorities,
+    parse_api_keys,
+)
 from thrifty.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -61,31 +69,32 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts), param
 
 
-def parse_api_keys(values: list[str] | None) -> dict[str, str | None]:
-    """--api-key KEY or NAME=KEY (repeatable) -> {key: name or None}."""
-    keys: dict[str, str | None] = {}
-    for value in values or []:
-        name, sep, key = value.partition("=")
-        name, key = (name, key) if sep else (None, value)
-        if not key or (sep and not name):
-            raise ValueError(f"api_key: {value!r} is empty; give KEY or NAME=KEY")
-        keys[key] = name
-    return keys
-
-
-def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, str | None] | None = None,
+def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, KeyPolicy] | None = None,
               chat_template: str | None = None, model_root: str | None = None,
               trust_request_chat_template: bool = False, enable_auto_tool_choice: bool = False,
-              tool_call_parser: str | None = None, price: PriceChoice | None = None) -> FastAPI:
+              tool_call_parser: str | None = None, price: PriceChoice | None = None,
+              usage_db: str | None = None) -> FastAPI:
+    """`api_keys` from parse_api_keys; `usage_db` the SQLite file of the keys' usage, opened (at
+    the default path if None) only when a key has a limit."""
     metrics = EngineMetrics(llm, served_model_names[0], price)
+    policies = list((api_keys or {}).values())
+    check_priced(policies, llm.cost.price_per_hour)
+    check_priorities(policies, llm.engine.config.scheduling_policy)
+    limiter = Limiter.open(policies, usage_db)
+    if limiter is not None:
+        metrics.registry.register(KeyLimitsCollector(limiter, served_model_names[0]))
     serving = OpenAIServing(llm, served_model_names, chat_template, metrics.observe_key_usage,
-                            trust_request_chat_template, enable_auto_tool_choice, tool_call_parser)
+                            trust_request_chat_template, enable_auto_tool_choice, tool_call_parser, limiter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         llm.start()
-        yield
-        await llm.shutdown()
+        try:
+            yield
+        finally:
+            await llm.shutdown()
+            if limiter is not None:
+                limiter.close()  # after the last request's usage is counted: every write done
 
     app = FastAPI(title="thrifty", version=thrifty.__version__, lifespan=lifespan)
 
@@ -114,19 +123,20 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
         return JSONResponse(APIError(500, f"internal error: {exc}", type="internal_error").body(), status_code=500)
 
     if api_keys:
-        expected = [(f"Bearer {key}".encode(), name) for key, name in api_keys.items()]
+        expected = [(f"Bearer {key}".encode(), policy) for key, policy in api_keys.items()]
 
         @app.middleware("http")
         async def authenticate(request: Request, call_next):
             if request.method != "OPTIONS" and request.url.path not in OPEN_PATHS:
                 given = request.headers.get("authorization", "").encode()
                 # Compare with every key (constant time each), so timing tells nothing about which matched.
-                matches = [name for key, name in expected if hmac.compare_digest(given, key)]
+                matches = [policy for key, policy in expected if hmac.compare_digest(given, key)]
                 if not matches:
                     err = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'.",
                                    code="invalid_api_key")
                     return JSONResponse(err.body(), status_code=401)
-                request.state.key_name = matches[0]
+                request.state.key_name = matches[0].name
+                request.state.key_policy = matches[0]
             return await call_next(request)
 
     def respond(result):
@@ -137,16 +147,16 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def key_name(raw: Request) -> str | None:
-        return getattr(raw.state, "key_name", None)
+    def key_policy(raw: Request) -> KeyPolicy | None:
+        return getattr(raw.state, "key_policy", None)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
-        return respond(await _cancel_on_disconnect(raw, serving.create_completion(req, key_name(raw))))
+        return respond(await _cancel_on_disconnect(raw, serving.create_completion(req, key_policy(raw))))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
-        return respond(await _cancel_on_disconnect(raw, serving.create_chat_completion(req, key_name(raw))))
+        return respond(await _cancel_on_disconnect(raw, serving.create_chat_completion(req, key_policy(raw))))
 
     created = int(time.time())
 
@@ -251,13 +261,17 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     chat_template = _load_chat_template(args.chat_template)
-    api_keys = parse_api_keys(args.api_key)
+    api_keys = parse_api_keys(args.api_key, args.api_key_file)
     price = resolve_price(args.price_per_hour, config)
+    # (build_app checks again: here they fail before the model loads)
+    check_priced(api_keys.values(), price.price_per_hour_usd)
+    check_priorities(api_keys.values(), config.scheduling_policy)
     llm = AsyncLLM(config, max_waiting_requests=args.max_waiting_requests or None,
                    price_per_hour=price.price_per_hour_usd)
     names = args.served_model_name or [llm.engine.model_name]
     app = build_app(llm, names, api_keys, chat_template, str(llm.engine.source.path or ""),
-                    args.trust_request_chat_template, args.enable_auto_tool_choice, args.tool_call_parser, price)
+                    args.trust_request_chat_template, args.enable_auto_tool_choice, args.tool_call_parser, price,
+                    args.usage_db)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.shutdown_timeout,

@@ -23,6 +23,7 @@ from thrifty.entrypoints.openai.protocol import (
     _SamplingFields,
 )
 from thrifty.entrypoints.openai.errors import APIError, bad_request
+from thrifty.entrypoints.openai.limits import KeyPolicy, Limiter
 from thrifty.entrypoints.openai.tools import (ToolCallParser, check_tools, grammar, parse, resolve_choice,
                                               system_prompt, tool_turn_as_text)
 from thrifty.machine import usable_vcpus
@@ -57,7 +58,7 @@ class _Job:
     request_ids: list[str]
     outputs: list[AsyncIterator[RequestOutput]]
     choices: list[_Choice]
-    key_name: str | None
+    key: KeyPolicy | None
 
 
 @dataclass
@@ -76,8 +77,9 @@ class OpenAIServing:
     def __init__(self, llm: AsyncLLM, served_model_names: list[str], chat_template: str | None = None,
                  key_usage_observer: Callable[[str, int, int, float], None] | None = None,
                  trust_request_chat_template: bool = False, enable_auto_tool_choice: bool = False,
-                 tool_call_parser: str | None = None):
+                 tool_call_parser: str | None = None, limiter: Limiter | None = None):
         self.llm = llm
+        self.limiter = limiter  # per-key rate limits and budgets (None: no key has any)
         # tool_choice "auto" needs both (as vLLM); required and named choices work without them,
         # in the parser's format (the default model's, smollm2, if none is named).
         self.enable_auto_tool_choice = enable_auto_tool_choice and tool_call_parser is not None
@@ -102,6 +104,13 @@ class OpenAIServing:
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.served_model_names:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    def check_limits(self, key: KeyPolicy | None) -> None:
+        """A 429 naming the limit if the key is at one. Runs before any work on the request, so a
+        key over its limits costs next to nothing, and before the queue check, so it is told about
+        its own limit rather than a busy server."""
+        if self.limiter is not None and key is not None:
+            self.limiter.enforce(key)
 
     def check_queue(self, num_new: int, priority: int = 0) -> None:
         # Only the requests it would wait behind count: a backlog of less urgent ones never
@@ -221,9 +230,12 @@ class OpenAIServing:
         return priority
 
     def _start(self, prompts: list[_Prompt], params: list[SamplingParams], base_id: str,
-               key_name: str | None, compile_seconds: float = 0.0, priority: int = 0) -> _Job:
+               key: KeyPolicy | None, compile_seconds: float = 0.0, priority: int = 0) -> _Job:
         """Queues every prompt's engine request now, so the queue limit sees them at once; the
-        first pays for compiling their grammar."""
+        first pays for compiling their grammar. Once queued, the request and its prompt tokens
+        count toward the key's rpm and tpm. (The key's limits are checked again: other requests of
+        the key may have been accepted while this one's grammar compiled.)"""
+        self.check_limits(key)
         self.check_queue(len(prompts), priority)
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
         outputs = []
@@ -236,8 +248,10 @@ class OpenAIServing:
             raise from_value_error(e) from None
         if compile_seconds:
             self.llm.cost.charge(ids[0], compile_seconds)
+        if self.limiter is not None and key is not None and key.name is not None:
+            self.limiter.record_start(key.name, sum(len(p.token_ids) for p in prompts))
         choices = [_Choice() for _ in range(len(prompts) * params[0].n)]
-        return _Job(prompts, params[0].n, ids, outputs, choices, key_name)
+        return _Job(prompts, params[0].n, ids, outputs, choices, key)
 
     @staticmethod
     async def _merged(outputs: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -284,7 +298,8 @@ class OpenAIServing:
     async def _run(self, job: _Job) -> AsyncIterator[tuple[int, _Choice, CompletionOutput]]:
         """Accumulates every delta into its choice and yields (choice index, choice, delta). When it
         ends (done, failed, or the client gone) unfinished requests are aborted and the usage is
-        counted for the API key's name."""
+        counted for the API key's name (and toward its limits: its output tokens and its cost,
+        whether it finished or not)."""
         try:
             async for i, out in self._merged(job.outputs):
                 prompt = job.prompts[i]
@@ -305,10 +320,14 @@ class OpenAIServing:
         finally:
             for rid in job.request_ids:
                 self.llm.abort(rid)  # a no-op for the finished ones
-            if job.key_name is not None and self.key_usage_observer is not None:
+            name = job.key.name if job.key is not None else None
+            if name is not None:
                 usage = self._usage(job.prompts, job.choices)
-                self.key_usage_observer(job.key_name, usage["prompt_tokens"], usage["completion_tokens"],
-                                        usage["cost_usd"])
+                if self.key_usage_observer is not None:
+                    self.key_usage_observer(name, usage["prompt_tokens"], usage["completion_tokens"],
+                                            usage["cost_usd"])
+                if self.limiter is not None:
+                    self.limiter.record_end(name, usage["completion_tokens"], usage["cost_usd"])
 
     @staticmethod
     def _sse(payload: dict | str) -> str:
@@ -354,8 +373,9 @@ class OpenAIServing:
         except Exception as e:  # e.g. a lone UTF-16 surrogate the tokenizer cannot take
             raise bad_request(f"prompt: cannot be tokenized: {e}", "prompt") from None
 
-    async def create_completion(self, req: CompletionRequest, key_name: str | None = None):
+    async def create_completion(self, req: CompletionRequest, key: KeyPolicy | None = None):
         self.check_model(req.model)
+        self.check_limits(key)
         self._check_unsupported(req)
         if req.suffix:
             raise bad_request("suffix is not supported", "suffix")
@@ -363,7 +383,7 @@ class OpenAIServing:
             raise bad_request("best_of other than n is not supported", "best_of")
         if req.echo and req.logprobs is not None:
             raise bad_request("echo with logprobs (prompt logprobs) is not supported yet", "echo")
-        priority = self.priority(req)
+        priority = self.priority(req, key and key.priority)
         constraint, param = self._structured_outputs(req)
         prompts = self._completion_prompts(req)
         params = []
@@ -373,7 +393,7 @@ class OpenAIServing:
             params.append(self._sampling_params(req, max_tokens, req.logprobs, constraint))
         compile_seconds = await self._compile(constraint, param)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        job = self._start(prompts, params, request_id, key_name, compile_seconds, priority)
+        job = self._start(prompts, params, request_id, key, compile_seconds, priority)
         if req.echo:
             for i, choice in enumerate(job.choices):
                 p = prompts[i // req.n]
@@ -466,12 +486,13 @@ class OpenAIServing:
             raise bad_request(f"messages: the chat template could not render them: {e}", "messages") from None
         return _Prompt(list(ids), None)
 
-    async def create_chat_completion(self, req: ChatCompletionRequest, key_name: str | None = None):
+    async def create_chat_completion(self, req: ChatCompletionRequest, key: KeyPolicy | None = None):
         self.check_model(req.model)
+        self.check_limits(key)
         self._check_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-        priority = self.priority(req)
+        priority = self.priority(req, key and key.priority)
         tools = check_tools(req.tools or [])
         tool_choice = resolve_choice(req.tool_choice, tools, self.enable_auto_tool_choice)
         if tool_choice == "none":
@@ -490,7 +511,7 @@ class OpenAIServing:
         params = [self._sampling_params(req, max_tokens, top if req.logprobs else None, constraint)]
         compile_seconds = await self._compile(constraint, param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        job = self._start([prompt], params, request_id, key_name, compile_seconds, priority)
+        job = self._start([prompt], params, request_id, key, compile_seconds, priority)
         head = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": self._reported_model(req)}
         if tools:
