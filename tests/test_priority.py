@@ -89,16 +89,23 @@ def test_token_budget_goes_to_the_most_urgent_and_defers_the_rest_without_recomp
     # A long low-priority prompt is being prefilled in chunks when a VIP arrives: the VIP's
     # prefill takes the budget first, and the low request waits with its KV kept (no preemption).
     sim = priority_sim(num_blocks=64, max_num_seqs=4, budget=8)
+    decoding = add(sim, "decoding", 3, priority=1, max_tokens=8)
     low = add(sim, "low", 40, priority=1, max_tokens=4)
     sim.step()
-    assert low.num_computed_tokens == 8
+    sim.step()
+    assert decoding.num_output_tokens == 2 and low.num_computed_tokens == 5 + 7
     vip = add(sim, "vip", 12, priority=-1, max_tokens=4)
     out, _ = sim.step()
     assert [s.request for s in out.scheduled] == [vip]  # the whole budget
     assert out.num_scheduled_tokens == {"vip": 8}
-    assert low.status == RequestStatus.RUNNING and low.num_computed_tokens == 8  # deferred, not preempted
+    assert low.status == RequestStatus.RUNNING and low.num_computed_tokens == 12  # deferred, not preempted
+    # The rest of the VIP's prompt: budget is left, but a step that computes an urgent prompt
+    # computes no less urgent one; a less urgent decode may join it.
     out, _ = sim.step()
-    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("vip", 4), ("low", 4)]
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("vip", 4), ("decoding", 1)]
+    out, _ = sim.step()
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [
+        ("vip", 1), ("decoding", 1), ("low", 6)]
     sim.run()
     assert sim.sched.num_preemptions == 0
     assert_reference_outputs(sim)
@@ -129,6 +136,21 @@ def test_urgent_request_takes_blocks_from_a_lower_priority_one():
     vip = add(sim, "vip", 12, priority=1, max_tokens=2)  # needs 3 blocks
     out, _ = sim.step()
     assert out.preempted == [low] and [s.request for s in out.scheduled] == [vip]
+    sim.run()
+    assert_reference_outputs(sim)
+    check_drained(sim)
+
+
+def test_nothing_less_urgent_than_a_victim_is_admitted_in_its_step():
+    bs = 4
+    sim = priority_sim(num_blocks=10, block_size=bs, max_num_seqs=4, max_model_len=40)
+    victim = add(sim, "victim", 30, priority=2, max_tokens=4)  # 8 of the 10 blocks
+    sim.step()
+    add(sim, "vip", 12, priority=0, max_tokens=2)
+    small = add(sim, "small", 3, priority=3, max_tokens=2)  # would fit in what the victim freed
+    out, _ = sim.step()
+    assert out.preempted == [victim]
+    assert small.status == RequestStatus.WAITING and [s.request.request_id for s in out.scheduled] == ["vip"]
     sim.run()
     assert_reference_outputs(sim)
     check_drained(sim)
@@ -238,12 +260,17 @@ def run_priority_scenario(sc):
         # preempt any less urgent one and admissions stop), no request is left waiting while a
         # request of strictly lower priority, or any unprotected one if it is protected, runs.
         memory_short = sched.num_preemptions - num_preemptions > sched.num_priority_preemptions - num_for_priority
+        # A step that computes a prompt of priority p admits nothing less urgent than p (only
+        # decodes of less urgent requests join it).
+        prefills = [s.request.priority for s in out.scheduled if s.num_new_tokens - len(s.spec_token_ids) > 1]
         if not memory_short:
-            ran = [s.request for s in out.scheduled if not s.request.protected]
+            ran = [s for s in out.scheduled if not s.request.protected]
             for w in sched.waiting:
                 if w in waiting_before and w not in out.preempted and w.request_id not in blocked:
                     assert not (w.protected and ran), f"protected {w.request_id} waits"
-                    assert all(r.priority <= w.priority for r in ran), f"{w.request_id} waits"
+                    isolated = prefills and w.priority > min(prefills)
+                    assert all(s.request.priority <= w.priority or isolated and s.num_new_tokens == 1 + len(
+                        s.spec_token_ids) for s in ran), f"{w.request_id} waits"
         step += 1
     check_drained(sim)
     for protected, priority, victim_protected, victim_priority in preemptions:

@@ -42,6 +42,7 @@ class ServeConfig:
     timeout_s: float = 600.0
     label: str | None = None
     ignore_eos: bool = False
+    priority: int | None = None  # vLLM's extra field, for servers with priority scheduling
     # Servers whose /metrics counters the result reports (summed): through a router, its backends.
     metrics_urls: list[str] = field(default_factory=list)
 
@@ -85,6 +86,7 @@ class RequestResult:
     ttft: float = 0.0
     e2el: float = 0.0
     itl: list[float] = field(default_factory=list)
+    text: str = ""  # what was generated
 
     @property
     def tpot(self) -> float | None:
@@ -99,6 +101,8 @@ def _payload(cfg: ServeConfig, model: str | None, p: ServePrompt) -> tuple[str, 
         body["model"] = model
     if cfg.ignore_eos:
         body["ignore_eos"] = True  # vLLM's extra field; other servers ignore it
+    if cfg.priority is not None:
+        body["priority"] = cfg.priority
     if cfg.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": p.prompt}]
         return "/v1/chat/completions", body
@@ -177,12 +181,13 @@ async def _stream_one(client: httpx.AsyncClient, cfg: ServeConfig, model: str | 
         r.error = f"{type(e).__name__}: {e}"
         return r
     r.e2el = time.perf_counter() - start
+    r.text = "".join(text)
     if usage:
         r.prompt_tokens, r.output_tokens = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
         cost = usage.get("cost_usd")
         r.cost_usd = float(cost) if isinstance(cost, (int, float)) else None
     else:  # a server without usage in streams: count locally
-        r.prompt_tokens, r.output_tokens = count_tokens(p.prompt), count_tokens("".join(text))
+        r.prompt_tokens, r.output_tokens = count_tokens(p.prompt), count_tokens(r.text)
     if not text and r.output_tokens == 0:
         r.error = "no output"
         return r

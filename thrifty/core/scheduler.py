@@ -17,7 +17,8 @@ Queue order (`scheduling`):
 - fcfs (default): arrival order, as above.
 - priority: lower `Request.priority` first, then arrival. Each step walks running and waiting
   requests together in that order, so the token budget goes to the most urgent first; running
-  requests it does not reach are deferred (they keep their KV and resume next step). A waiting
+  requests it does not reach are deferred (they keep their KV and resume next step), and a step
+  that computes an urgent prompt computes no less urgent one (only their decodes). A waiting
   request takes the seat or blocks it lacks from running requests of strictly lower priority
   (larger number) that this step has not scheduled, least urgent first; equal priorities never
   preempt each other. A victim's full blocks stay in the prefix cache, so it recomputes only
@@ -320,25 +321,40 @@ class Scheduler:
         walk = heapq.merge(((urgency(r), 0, r) for r in list(self.running)),
                            ((urgency(r), 1, r) for r in list(self.waiting)))
         admitting = True
+        # A step that computes an urgent prompt computes no less urgent one: the urgent request's
+        # first token waits for the whole step, so only decodes of less urgent requests join it.
+        prefill_priority: int | None = None
         for _, waiting, request in walk:
             if budget <= 0:
                 break
+            isolated = (prefill_priority is not None and request.priority > prefill_priority
+                        and not request.protected)
             if not waiting:
                 if request.status != RequestStatus.RUNNING:
                     continue  # preempted earlier in this walk
+                if isolated and request.num_tokens - request.num_computed_tokens > 1:
+                    continue  # deferred: its KV stays
                 num_preempted = len(out.preempted)
                 num_new = self._schedule_running(out, request, budget, lambda: self._pop_least_urgent(out))
                 if len(out.preempted) > num_preempted:
                     admitting = False  # memory is short: no admissions into what was just freed
                 budget -= num_new or 0
             elif admitting and not self._waits_for_leader(request):
-                if out.preempted and urgency(request) > min(map(urgency, out.preempted)):
-                    admitting = False  # never admit a request less urgent than one just preempted
+                if isolated or out.preempted and urgency(request) > min(map(urgency, out.preempted)):
+                    admitting = False  # nor admit a request less urgent than one just preempted
                     continue
                 num_new = self._admit_by_priority(out, request, budget)
                 if num_new is None:
                     admitting = False  # nothing less urgent may overtake it
                 budget -= num_new or 0
+            if self._is_prefill(out, request) and (prefill_priority is None or request.priority < prefill_priority):
+                prefill_priority = request.priority
+
+    @staticmethod
+    def _is_prefill(out: SchedulerOutput, request: Request) -> bool:
+        """Whether this step computes a chunk of the request's prompt (or of its recompute)."""
+        num_new = out.num_scheduled_tokens.get(request.request_id)
+        return num_new is not None and num_new - len(out.scheduled_spec_decode_tokens.get(request.request_id, ())) > 1
 
     def _admit_by_priority(self, out: SchedulerOutput, request: Request, budget: int) -> int | None:
         """Admits a waiting request, taking the seat and blocks it needs from running requests

@@ -165,6 +165,8 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-warmups", type=int, default=0, help="requests sent (and not counted) before the run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="ask for exactly --output-len tokens (vLLM extra field)")
+    p.add_argument("--priority", type=int, default=None,
+                   help="send this priority with every request (vLLM extra field; --scheduling-policy priority)")
     p.add_argument("--goodput", nargs="+", default=None, metavar="SLO:MS",
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:5000 (milliseconds)")
     p.add_argument("--price-per-hour", type=float, default=None, help="USD per hour of the server, for $/1M tokens")
@@ -186,7 +188,7 @@ def _load_setup(args: argparse.Namespace):
                       request_rate=args.request_rate, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
                       seed=args.seed, api_key=args.api_key, goodput=parse_goodput(args.goodput),
                       price_per_hour=args.price_per_hour, timeout_s=args.timeout, label=args.label,
-                      ignore_eos=args.ignore_eos, metrics_urls=args.metrics_url or [])
+                      ignore_eos=args.ignore_eos, priority=args.priority, metrics_urls=args.metrics_url or [])
     tok = load_tokenizer(resolve_model(args.tokenizer))
     prompts = make_serve_prompts(args.dataset, tok, args.num_prompts + args.num_warmups, args.input_len,
                                  args.output_len, args.range_ratio, args.num_prefixes, args.prefix_len, args.seed)
