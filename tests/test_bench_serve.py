@@ -55,6 +55,17 @@ def test_bad_load_options_name_the_field():
 
 # -- against thrifty -------------------------------------------------------------------------------
 @pytest.mark.slow
+def test_payload_carries_vllm_extra_fields_only_when_asked():
+    from thrifty.bench.datasets import ServePrompt
+    from thrifty.bench.serve import _payload
+
+    prompt = ServePrompt("hi", 4)
+    _, plain = _payload(ServeConfig(), None, prompt)
+    assert "priority" not in plain and "ignore_eos" not in plain
+    path, body = _payload(ServeConfig(priority=-1, ignore_eos=True), "m", prompt)
+    assert path == "/v1/completions" and body["priority"] == -1 and body["ignore_eos"] is True
+
+
 def test_bench_serve_and_sweep_against_thrifty(tmp_path):
     srv = Server("--price-per-hour", str(PRICE))
     try:
