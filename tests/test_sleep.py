@@ -4,6 +4,7 @@ measured, the same greedy answer after waking, the 503 contract under load, idle
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -186,6 +187,36 @@ def test_mode_wait_lets_a_request_in_flight_finish(server):
     assert r.status_code == 200
     assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 48
     assert http(server, "POST", "/wake_up").status_code == 200
+
+
+@pytest.mark.slow
+def test_sleep_aborts_requests_in_flight_each_with_an_answer(server):
+    """mode=abort: a non-streamed request in flight gets the 503, a stream under way an in-band
+    error then [DONE]; their blocks are freed."""
+    before = metrics(server).get("vllm:request_success_total{finished_reason=abort}", 0)
+    long = {"prompt": PROMPTS[1], "max_tokens": 1500, "ignore_eos": True}
+    plain = {}
+    t = threading.Thread(target=lambda: plain.setdefault("r", http(server, "POST", "/v1/completions", json=long)))
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={**long, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")  # under way
+        t.start()
+        deadline = time.monotonic() + 20
+        while metrics(server)["vllm:num_requests_running"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert http(server, "POST", "/sleep").status_code == 200
+        rest = [line for line in lines if line.startswith("data: ")]
+    t.join()
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][len("data: "):])["error"]
+    assert error["type"] == "service_unavailable" and "sleep" in error["message"]
+    assert plain["r"].status_code == 503 and int(plain["r"].headers["Retry-After"]) >= 1
+    assert http(server, "POST", "/wake_up").status_code == 200
+    m = metrics(server)
+    assert m["vllm:request_success_total{finished_reason=abort}"] == before + 2
+    assert (m["vllm:num_requests_running"], m["vllm:kv_cache_usage_perc"]) == (0, 0)
 
 
 def _client_loop(url: str, stop: threading.Event, seen: list, problems: list, index: int) -> None:
