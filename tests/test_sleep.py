@@ -100,6 +100,42 @@ def test_sleep_needs_sleep_mode(llm):
         llm.sleep(1)
 
 
+@pytest.mark.slow
+def test_async_llm_drain_timeout_aborts_then_a_request_wakes_it():
+    """mode=wait past sleep_config.drain_timeout: the request still running gets
+    EngineSleepingError; with wake_on_request the next request wakes the engine and is served."""
+    import asyncio
+
+    from thrifty.config import EngineConfig
+    from thrifty.engine.async_llm import AsyncLLM
+
+    config = EngineConfig(dtype="float32", seed=0, kv_cache_memory=KV_GIB, max_model_len=2048,
+                          enable_sleep_mode=True)
+
+    async def main():
+        llm = AsyncLLM(config, sleep_config=SleepConfig(wake_on_request=True, drain_timeout=0.3))
+        llm.start()
+        ids = llm.engine.tokenizer.encode(PROMPTS[0])
+        outputs = llm.generate(ids, SamplingParams(max_tokens=1500, ignore_eos=True), "long")
+        await outputs.__anext__()  # running
+        start = time.monotonic()
+        result = await llm.sleep(1, mode="wait")
+        assert 0.3 <= time.monotonic() - start and result.level == 1 and llm.sleep_state == "asleep"
+        with pytest.raises(EngineSleepingError):
+            async for _ in outputs:
+                pass
+        tokens = []
+        async for out in llm.generate(ids, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), "next"):
+            tokens += out.outputs[0].token_ids
+        assert len(tokens) == 5 and llm.sleep_state == "awake" and llm.last_wake_seconds > 0
+        assert llm.num_refused_asleep == 0
+        with pytest.raises(ValueError, match="mode"):
+            await llm.sleep(1, mode="later")
+        await llm.shutdown()
+
+    asyncio.run(main())
+
+
 # -- the server -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server():
