@@ -141,7 +141,7 @@ class AsyncLLM:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if self.sleep_state in ("draining", "asleep") and not self.sleep_config.wake_on_request:
             self.num_refused_asleep += 1
-            raise self._sleeping_error("the engine is asleep (POST /wake_up wakes it)")
+            raise self._sleeping_error("the engine is asleep or going to sleep (POST /wake_up wakes it)")
         stream = _Stream(asyncio.Queue(), [0] * params.n, [0] * params.n, [0] * params.n)
         self._streams[request_id] = stream
         arrival = self._last_active = time.monotonic()

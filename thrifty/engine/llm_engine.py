@@ -343,7 +343,7 @@ class LLMEngine:
         release_freed_memory(self.device)
         after = memory_in_use(self.device)
         self.sleep_level = max(self.sleep_level, level)
-        return SleepResult(level, before - after, time.perf_counter() - start, before, after)
+        return SleepResult(self.sleep_level, before - after, time.perf_counter() - start, before, after)
 
     def wake_up(self) -> float:
         """Undoes sleep(): the KV caches again (empty), the weights back or reloaded. Returns
