@@ -153,7 +153,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             del llm
     base = next(r["perplexity"] for r in results if r["config"] == "bf16")
-    print(f"\n| config | perplexity | vs bf16 | weights MB | greedy identical /50 | mean first divergence /32 |")
+    print("\n| config | perplexity | vs bf16 | weights MB | greedy identical /50 | mean first divergence /32 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
         a = r["agreement_with_bf16"]

@@ -243,7 +243,7 @@ def test_autoscales_1_to_2_to_1_with_no_failed_request_and_counts_cost(llm, ray_
     assert cost["replica_seconds"] > live["seconds"] + 2
     for r in (live, gone):
         assert r["busy_s"] > 0 and r["requests"] > 0
-        parts = r["startup_s"] + r["busy_s"] + r["idle_s"] + r["in_step_s"]
+        parts = r["startup_s"] + r["busy_s"] + r["idle_s"] + r["asleep_s"] + r["in_step_s"]
         assert parts == pytest.approx(r["lifetime_s"], abs=1e-6)
     assert cost["requests"] >= len(results)
     assert cost["cost_usd"] == pytest.approx(cost["replica_seconds"] * PRICE / 3600)

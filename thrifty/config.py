@@ -154,6 +154,7 @@ class EngineConfig:
     quantization_group_size: int = 32  # int4: inputs per scale and min
     kv_cache_dtype: str = "auto"  # see KV_CACHE_DTYPES
     speculative_config: dict | str | None = None  # see SpeculativeConfig; None: no speculation
+    enable_sleep_mode: bool = False  # LLMEngine.sleep / wake_up (and the server's /sleep, /wake_up)
 
     def __post_init__(self) -> None:
         self.speculative = (None if self.speculative_config is None

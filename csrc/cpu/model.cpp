@@ -113,6 +113,11 @@ void LlamaModel::set_kv_caches(const std::vector<at::Tensor>& k_caches, const st
   v_caches_ = v_caches;
 }
 
+void LlamaModel::release_buffers() {
+  buffers_.clear();
+  buffers_.shrink_to_fit();
+}
+
 at::Tensor LlamaModel::buffer(size_t index, int64_t rows, int64_t cols, at::ScalarType dtype) {
   if (buffers_.size() <= index) buffers_.resize(index + 1);
   at::Tensor& b = buffers_[index];

@@ -28,6 +28,8 @@ class LlamaModel : public torch::CustomClassHolder {
   // kv_cache_dtype: "auto" (the model's dtype), "int8" or "fp8_e4m3" (attention.h's layouts).
   void set_kv_caches(const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
                      const std::string& kv_cache_dtype);
+  // Frees the workspaces `forward` grew (sleep mode); the next forward grows them again.
+  void release_buffers();
 
   // Writes the step's K/V into the caches and returns the fp32 logits [len(logits_indices), vocab]
   // of the given token rows and, with `greedy`, each row's argmax and its log-softmax (else two

@@ -181,6 +181,7 @@ TORCH_LIBRARY(thrifty, m) {
       .def("set_head", &LlamaModel::set_head)
       .def("set_rope", &LlamaModel::set_rope)
       .def("set_kv_caches", &LlamaModel::set_kv_caches)
+      .def("release_buffers", &LlamaModel::release_buffers)
       .def("forward", &LlamaModel::forward)
       .def("set_profiling", &LlamaModel::set_profiling)
       .def("profile", &LlamaModel::profile);

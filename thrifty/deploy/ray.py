@@ -82,6 +82,10 @@ class _ServeOptions(BaseModel):
     tool_call_parser: Literal["smollm2", "hermes"] | None = None
     max_waiting_requests: int = Field(1024, ge=0)  # 0: no limit
     price_per_hour: float | None = Field(None, ge=0)  # None: the table's GPU entry, or a CPU estimate (0: off)
+    wake_on_request: bool = False  # sleep mode (with enable_sleep_mode), as `thrifty serve`'s flags
+    sleep_when_idle: float | None = Field(None, gt=0)
+    sleep_level: Literal[1, 2] = 1
+    sleep_drain_timeout: float = Field(30.0, ge=0)
     cost_report_interval_s: float = Field(5.0, gt=0)
 
     @field_validator("served_model_name", "api_key", mode="before")
@@ -127,7 +131,7 @@ DeploymentOptions.__doc__ = ("The arguments of build_app: the deployment's, the 
 
 
 # -- the cost ledger ------------------------------------------------------------------------
-_SUMMED = ("seconds", "unreported_s", "startup_s", "busy_s", "idle_s", "in_step_s", "cost_usd",
+_SUMMED = ("seconds", "unreported_s", "startup_s", "busy_s", "idle_s", "asleep_s", "in_step_s", "cost_usd",
            "busy_cost_usd", "unbilled_cost_usd", "generation_tokens", "requests")
 
 
@@ -165,8 +169,8 @@ class CostLedger:
             self._departed.append(final)
             self._departed_ids.add(replica)
             self._num_departed += 1
-            for key in _SUMMED:
-                self._departed_totals[key] += final[key]
+            for key in _SUMMED:  # (a replica of an older thrifty may lack a newer key: the ledger outlives it)
+                self._departed_totals[key] += final.get(key, 0.0)
         else:
             self._live[replica] = record
 
@@ -194,7 +198,7 @@ class CostLedger:
         totals = dict(self._departed_totals)
         for record in live:
             for key in _SUMMED:
-                totals[key] += record[key]
+                totals[key] += record.get(key, 0.0)
         states = collections.Counter(r["state"] for r in live)
         tokens = totals["generation_tokens"]
         return {
@@ -210,6 +214,7 @@ class CostLedger:
             "startup_seconds": totals["startup_s"],
             "busy_seconds": totals["busy_s"],
             "idle_seconds": totals["idle_s"],
+            "asleep_seconds": totals["asleep_s"],
             "in_step_seconds": totals["in_step_s"],
             "unreported_seconds": totals["unreported_s"],
             "generation_tokens": int(tokens),
@@ -281,7 +286,7 @@ class ThriftyServer:
         self.ledger = get_ledger(ctx.app_name, ctx.deployment)
 
         from thrifty.engine.async_llm import AsyncLLM
-        from thrifty.entrypoints.openai.api_server import resolve_price
+        from thrifty.entrypoints.openai.api_server import resolve_price, sleep_config
 
         config = self.options.engine_config()
         # A replica rents its num_cpus of the node, not the node: the CPU estimate is scaled to them.
@@ -289,7 +294,7 @@ class ThriftyServer:
         self.price_per_hour = self.price.price_per_hour_usd
         try:
             self.llm = AsyncLLM(config, max_waiting_requests=self.options.max_waiting_requests or None,
-                                price_per_hour=self.price_per_hour)
+                                price_per_hour=self.price_per_hour, sleep_config=sleep_config(self.options))
         except BaseException:
             await self._report(stopped=True)  # the failed load was paid for too
             raise
@@ -342,7 +347,8 @@ class ThriftyServer:
         record = {"replica": self.replica, "node": socket.gethostname(), "pid": os.getpid(),
                   "price_per_hour": self.price_per_hour, "started_unix": self._started_unix,
                   "report_interval_s": self.options.cost_report_interval_s, "lifetime_s": lifetime,
-                  "startup_s": lifetime, "busy_s": 0.0, "idle_s": 0.0, "in_step_s": 0.0, "busy_cost_usd": 0.0,
+                  "startup_s": lifetime, "busy_s": 0.0, "idle_s": 0.0, "asleep_s": 0.0, "in_step_s": 0.0,
+                  "busy_cost_usd": 0.0,
                   "unbilled_cost_usd": 0.0, "generation_tokens": self._tokens, "requests": self._requests,
                   "stopped": stopped}
         meter = None if self.llm is None else self.llm.cost
@@ -350,8 +356,9 @@ class ThriftyServer:
             startup = meter.start - self._t0
             busy = meter.busy_s
             idle = meter.idle_seconds(now)
-            record.update(startup_s=startup, busy_s=busy, idle_s=idle,
-                          in_step_s=max(0.0, lifetime - startup - busy - idle),  # the step in progress
+            asleep = meter.asleep_seconds(now)
+            record.update(startup_s=startup, busy_s=busy, idle_s=idle, asleep_s=asleep,
+                          in_step_s=max(0.0, lifetime - startup - busy - idle - asleep),  # the step in progress
                           busy_cost_usd=meter.busy_cost_usd, unbilled_cost_usd=meter.unbilled_cost_usd)
         return record
 

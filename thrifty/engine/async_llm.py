@@ -4,6 +4,12 @@ One task owns the LLMEngine. Between steps it applies queued adds and aborts; ea
 in a worker thread (torch releases the GIL), so the event loop keeps serving HTTP while the
 model computes. Outputs are cut into deltas right after each step (before the next step
 extends the engine's lists) and pushed to each request's queue.
+
+Sleep mode (sleep(), wake_up()): the engine is awake, draining (a sleep was asked for: requests
+in flight are aborted, or with mode "wait" finished, up to a timeout), asleep, or waking. Sleep
+and wake run in the worker thread between steps, like a step, never overlapping one. A request
+arriving while draining or asleep gets EngineSleepingError (the server's 503), or with
+wake_on_request waits for the wake it triggers; one arriving while waking waits for it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 from thrifty.config import EngineConfig
 from thrifty.engine.cost_meter import CostMeter
 from thrifty.engine.llm_engine import LLMEngine, StepFailed
+from thrifty.engine.sleep import SLEEP_MODES, EngineSleepingError, SleepConfig, SleepResult, check_level
 from thrifty.outputs import CompletionOutput, RequestOutput
 from thrifty.sampling_params import SamplingParams
 
@@ -38,6 +45,14 @@ class _Stream:
 
 
 @dataclass
+class _SleepOrder:
+    level: int
+    deadline: float  # requests still in flight then are aborted (mode "abort": at once)
+    ordered_at: float  # requests that arrive later wait for the wake (or are refused)
+    waiters: list[asyncio.Future] = field(default_factory=list)  # the sleep() calls (none for an idle sleep)
+
+
+@dataclass
 class StepObservation:
     """What one engine step did, for metrics and cost accounting."""
 
@@ -47,7 +62,11 @@ class StepObservation:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, max_waiting_requests: int | None = None, price_per_hour: float = 0.0):
+    def __init__(self, config: EngineConfig, max_waiting_requests: int | None = None, price_per_hour: float = 0.0,
+                 sleep_config: SleepConfig | None = None):
+        self.sleep_config = sleep_config or SleepConfig()
+        if (self.sleep_config.wake_on_request or self.sleep_config.sleep_when_idle) and not config.enable_sleep_mode:
+            raise ValueError("wake_on_request and sleep_when_idle need sleep mode (--enable-sleep-mode)")
         self.engine = LLMEngine(config)
         self.cost = CostMeter(price_per_hour)
         self.max_waiting_requests = max_waiting_requests
@@ -61,10 +80,22 @@ class AsyncLLM:
         self.step_observers: list[Callable[[StepObservation], None]] = []
         # Called with (request id, "abort" | "error") when a request ends without finishing.
         self.end_observers: list[Callable[[str, str], None]] = []
+        # Sleep mode: see the module's docstring.
+        self.sleep_state = "awake"  # awake, draining, asleep or waking
+        self._sleep_order: _SleepOrder | None = None
+        self._wake_waiters: list[asyncio.Future] = []
+        self._held: list[Callable[[], None]] = []  # adds that arrived while not awake, run after the wake
+        self._held_ids: set[str] = set()
+        self._last_active = time.monotonic()  # the last arrival or step, for sleep_when_idle
+        self.last_wake_seconds = 0.0
+        self.num_refused_asleep = 0
+        self.sleep_observers: list[Callable[[SleepResult], None]] = []
+        self.wake_observers: list[Callable[[float], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         self.cost = CostMeter(self.cost.price_per_hour)  # the server's life starts now
+        self._last_active = time.monotonic()
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="thrifty-engine-loop")
 
@@ -113,13 +144,21 @@ class AsyncLLM:
         self.engine.check_priority(priority)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if self.sleep_state in ("draining", "asleep") and not self.sleep_config.wake_on_request:
+            self.num_refused_asleep += 1
+            raise self._sleeping_error("the engine is asleep or going to sleep (POST /wake_up wakes it)")
         stream = _Stream(asyncio.Queue(), [0] * params.n, [0] * params.n, [0] * params.n)
         self._streams[request_id] = stream
-        arrival = time.monotonic()
+        arrival = self._last_active = time.monotonic()
         self._num_pending_adds += 1
 
         def add() -> None:
+            if request_id in self._streams and self._must_hold(arrival):
+                self._held.append(add)
+                self._held_ids.add(request_id)
+                return
             self._num_pending_adds -= 1
+            self._held_ids.discard(request_id)
             if request_id not in self._streams:
                 return  # aborted before it reached the engine
             try:
@@ -159,6 +198,129 @@ class AsyncLLM:
         for observe in self.end_observers:
             observe(request_id, "abort")
 
+    def _must_hold(self, arrival: float) -> bool:
+        """Whether a new request waits for the engine to wake: it is asleep or waking, or going
+        to sleep and the request came after the sleep was asked for."""
+        order = self._sleep_order
+        return self.sleep_state != "awake" and not (self.sleep_state == "draining" and arrival < order.ordered_at)
+
+    def _sleeping_error(self, message: str) -> EngineSleepingError:
+        return EngineSleepingError(f"{message}; retry later", self.last_wake_seconds)
+
+    # -- sleep mode -----------------------------------------------------------------------
+    async def sleep(self, level: int = 1, mode: str = "abort") -> SleepResult:
+        """Puts the engine to sleep (LLMEngine.sleep) once the requests in flight are aborted
+        (mode "abort", vLLM's default: each gets EngineSleepingError) or finished (mode "wait",
+        up to sleep_config.drain_timeout, then aborted). Sleeping again at the same level or
+        lower does nothing (0 bytes released); at a deeper one it discards the rest."""
+        if not self.engine.config.enable_sleep_mode:
+            raise ValueError("sleep: sleep mode is not enabled (--enable-sleep-mode)")
+        check_level(level)
+        if mode not in SLEEP_MODES:
+            raise ValueError(f"mode: must be one of {SLEEP_MODES}, got {mode!r}")
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running")
+        if self.sleep_state == "asleep" and self._sleep_order is None and self.engine.sleep_level >= level:
+            return SleepResult(self.engine.sleep_level, 0, 0.0, 0, 0)
+        waiter = asyncio.get_running_loop().create_future()
+        self._order_sleep(level, mode).waiters.append(waiter)
+        return await waiter
+
+    async def wake_up(self) -> float:
+        """Wakes the engine (after the sleep in progress, if any); returns the seconds the wake
+        took (0 when it was awake)."""
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running")
+        if self.sleep_state == "awake" and self._sleep_order is None:
+            return 0.0
+        waiter = asyncio.get_running_loop().create_future()
+        self._wake_waiters.append(waiter)
+        self._wakeup.set()
+        return await waiter
+
+    @property
+    def is_sleeping(self) -> bool:
+        """From the moment a sleep is asked for until the wake is done (vLLM's is_sleeping)."""
+        return self.sleep_state != "awake"
+
+    def _order_sleep(self, level: int, mode: str) -> _SleepOrder:
+        now = time.monotonic()
+        deadline = now + self.sleep_config.drain_timeout if mode == "wait" else now
+        order = self._sleep_order
+        if order is None:
+            order = self._sleep_order = _SleepOrder(level, deadline, now)
+        else:  # one sleep for every call: the deepest level, the earliest deadline
+            order.level = max(order.level, level)
+            order.deadline = min(order.deadline, deadline)
+        if self.sleep_state == "awake":
+            self.sleep_state = "draining"
+        self._wakeup.set()
+        return order
+
+    async def _go_to_sleep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Aborts what is still in flight (each request answered with EngineSleepingError; held
+        ones too without wake_on_request), then sleeps in the worker thread."""
+        order, engine = self._sleep_order, self.engine
+        error = self._sleeping_error("the engine went to sleep while this request was in flight")
+        keep = self._held_ids if self.sleep_config.wake_on_request else set()
+        for request_id in [r for r in self._streams if r not in keep]:
+            self._finish_stream(request_id, error)
+            for observe in self.end_observers:
+                observe(request_id, "abort")
+        for request_id in engine.unfinished_request_ids():
+            engine.abort_request(request_id)
+            self.cost.forget(request_id, billed=False)
+        if not keep:
+            held, self._held = self._held, []
+            for op in held:  # (their streams are gone: they only count themselves out)
+                op()
+        self.cost.went_to_sleep(time.monotonic())
+        try:
+            result = await loop.run_in_executor(self._executor, engine.sleep, order.level)
+        except BaseException as e:
+            _settle(order.waiters, error=EngineDeadError(f"the engine failed to sleep: {e!r}"))
+            raise
+        self._sleep_order = None
+        self.sleep_state = "asleep"
+        logger.info("asleep at level %d: %.3f GiB released in %.2f s", result.level, result.released_bytes / 2**30,
+                    result.seconds)
+        _settle(order.waiters, result)
+        for observe in self.sleep_observers:
+            observe(result)
+
+    async def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.sleep_state = "waking"
+        try:
+            seconds = await loop.run_in_executor(self._executor, self.engine.wake_up)
+        except BaseException as e:
+            _settle(self._wake_waiters, error=EngineDeadError(f"the engine failed to wake up: {e!r}"))
+            raise
+        self.cost.woke(time.monotonic())
+        self.last_wake_seconds = seconds
+        self.sleep_state = "draining" if self._sleep_order is not None else "awake"
+        self._last_active = time.monotonic()
+        logger.info("awake again in %.2f s", seconds)
+        waiters, self._wake_waiters = self._wake_waiters, []
+        _settle(waiters, seconds)
+        for observe in self.wake_observers:
+            observe(seconds)
+        held, self._held = self._held, []
+        for op in held:
+            op()
+
+    async def _idle(self) -> None:
+        """Waits for work; with sleep_when_idle, asks for a sleep once the engine has had none
+        for that long."""
+        after = self.sleep_config.sleep_when_idle
+        if after is None or self.sleep_state != "awake":
+            await self._wakeup.wait()
+            return
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), max(0.0, self._last_active + after - time.monotonic()))
+        except asyncio.TimeoutError:
+            logger.info("no request for %g s: going to sleep (level %d)", after, self.sleep_config.sleep_level)
+            self._order_sleep(self.sleep_config.sleep_level, "abort")
+
     def _submit(self, op: Callable[[], None]) -> None:
         self._pending.append(op)
         if self._wakeup is not None:
@@ -173,11 +335,19 @@ class AsyncLLM:
                 ops, self._pending = self._pending, []
                 for op in ops:
                     op()
-                if not engine.has_unfinished_requests():
+                order = self._sleep_order
+                if order is not None and self.sleep_state in ("draining", "asleep") and (
+                        not engine.has_unfinished_requests() or time.monotonic() >= order.deadline):
+                    await self._go_to_sleep(loop)
+                    continue
+                if self.sleep_state == "asleep" and (self._wake_waiters or self._held):
+                    await self._wake(loop)
+                    continue
+                if self.sleep_state == "asleep" or not engine.has_unfinished_requests():
                     self.cost.went_idle()
                     self._wakeup.clear()
                     if not self._pending:
-                        await self._wakeup.wait()
+                        await self._idle()
                     continue
                 start = time.monotonic()
                 self.cost.work_arrived(start)
@@ -192,7 +362,7 @@ class AsyncLLM:
                         for observe in self.end_observers:
                             observe(request_id, "error")
                     continue
-                end = time.monotonic()
+                end = self._last_active = time.monotonic()
                 self.cost.step(end, stats.num_tokens_by_request)
                 deltas = self._dispatch(outputs)
                 obs = StepObservation(end, sum(stats.num_tokens_by_request.values()), deltas)
@@ -245,3 +415,15 @@ class AsyncLLM:
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):
             self._finish_stream(request_id, error)
+        waiters = self._wake_waiters + (self._sleep_order.waiters if self._sleep_order is not None else [])
+        _settle(waiters, error=error)
+
+
+def _settle(waiters: list[asyncio.Future], result=None, error: BaseException | None = None) -> None:
+    """Answers the sleep() or wake_up() calls still waiting (a cancelled one is gone)."""
+    for waiter in waiters:
+        if not waiter.done():
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(result)

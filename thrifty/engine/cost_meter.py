@@ -7,6 +7,10 @@ computed in it; idle time x price is the idle cost. So the requests' costs sum t
 (those of aborted or failed requests, which no response reports, are also counted apart as
 unbilled), and busy + idle cost = elapsed time x price, up to the step in progress, which is
 counted when it ends.
+
+Sleep mode adds a third state, asleep (from the start of a sleep to the end of the wake that
+follows it): busy + idle + asleep time = elapsed time. The instance is billed while asleep too,
+so asleep time x price is reported apart from idle cost, not charged to any request.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class CostMeter:
         self.idle = True  # whether the time since `mark` is idle (else it belongs to the next step)
         self.busy_s = 0.0
         self.idle_s = 0.0
+        self.asleep = False  # whether the time since `mark` is asleep
+        self.asleep_s = 0.0
         self.busy_cost_usd = 0.0
         self.unbilled_cost_usd = 0.0  # part of busy_cost_usd charged to requests that never reported it
         self._charged_s = 0.0  # charged outside the steps, still to take out of the idle or step time
@@ -45,7 +51,23 @@ class CostMeter:
 
     def went_idle(self) -> None:
         """Nothing left to run: time from the last step's end on is idle."""
-        self.idle = True
+        if not self.asleep:
+            self.idle = True
+
+    def went_to_sleep(self, now: float) -> None:
+        """The engine starts to sleep (nothing runs): time from now until woke() is asleep; the
+        time since the last step's end was idle."""
+        if not self.asleep:
+            self.idle_s += self._uncharged(now - self.mark)
+            self.mark = now
+            self.idle, self.asleep = False, True
+
+    def woke(self, now: float) -> None:
+        """The wake finished (its time counts as asleep); the engine is idle until work arrives."""
+        if self.asleep:
+            self.asleep_s += self._uncharged(now - self.mark)
+            self.mark = now
+            self.idle, self.asleep = True, False
 
     def charge(self, request_id: str, seconds: float) -> None:
         """Machine seconds spent for one request outside the steps (compiling its grammar): its
@@ -91,6 +113,12 @@ class CostMeter:
 
     def idle_cost_usd(self, now: float) -> float:
         return self.idle_seconds(now) * self.price_per_s
+
+    def asleep_seconds(self, now: float) -> float:
+        return self.asleep_s + (now - self.mark if self.asleep else 0.0)
+
+    def asleep_cost_usd(self, now: float) -> float:
+        return self.asleep_seconds(now) * self.price_per_s
 
     def _window(self, now: float) -> tuple[float, float, int]:
         """(span, busy seconds, tokens) over the last window_s seconds."""

@@ -15,6 +15,7 @@ from thrifty.core.request import DRAFT_PENDING, Request, RequestStatus
 from thrifty.core.scheduler import Scheduler, SchedulerConfig, SchedulerStats, SpecDecodeStats
 from thrifty.core.spec_controller import SpecController
 from thrifty.engine.detokenizer import IncrementalDetokenizer
+from thrifty.engine.sleep import SleepResult, check_level, memory_in_use, release_freed_memory
 from thrifty.model.llama import LlamaForCausalLM
 from thrifty.model.config import ModelArchConfig
 from thrifty.model.loader import load_hf_config, load_model, load_tokenizer, resolve_model
@@ -105,10 +106,10 @@ class LLMEngine:
         self.dtype = config.resolve_dtype(device.type)
         if device.type == "cpu":
             torch.set_num_threads(config.resolve_num_threads())
+        self.device = device
         self.source = resolve_model(config.model, config.load_format)
         self.model_name = self.source.name
-        model = load_model(self.source, self.dtype, device, config.seed, config.quantization,
-                           config.quantization_group_size)
+        model = self._load_target()
         cfg = model.config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
@@ -116,9 +117,7 @@ class LLMEngine:
                              f"({cfg.max_position_embeddings})")
         self.tokenizer = load_tokenizer(self.source)
         self.spec = config.speculative
-        draft = self._load_draft(model, device) if self.spec is not None and self.spec.method == "draft_model" else None
-        skip = self.spec is not None and self.spec.method == "layer_skip"
-        draft_layers = self.spec.draft_layers(cfg.num_hidden_layers) if skip else None
+        draft = self._load_draft(model)
         budget = kv_budget_bytes(device, config.kv_cache_memory, config.gpu_memory_utilization)
         bytes_per_token = sum(kv_bytes_per_token(m, self.dtype, config.kv_cache_dtype) for m in (model, draft) if m)
         num_blocks = num_kv_blocks(bytes_per_token, config.block_size, budget)
@@ -146,10 +145,9 @@ class LLMEngine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         self.structured = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        self.runner = ModelRunner(model, device, self.dtype, config.block_size, num_blocks, self.max_model_len,
-                                  config.max_num_seqs, config.seed, config.backend, config.kv_cache_dtype,
-                                  draft_model=draft, draft_layers=draft_layers,
-                                  max_batched_tokens=config.max_num_batched_tokens, structured=self.structured)
+        self.num_kv_blocks = num_blocks
+        self.runner = self._build_runner(model, draft)
+        self.sleep_level = 0  # 0: awake; else the level of the sleep it is in (sleep mode)
         self.stats = EngineStats()
         self.proposer = (NgramProposer(self.spec.prompt_lookup_min, self.spec.prompt_lookup_max)
                          if self.spec is not None and self.spec.method == "ngram" else None)
@@ -189,10 +187,27 @@ class LLMEngine:
             if seconds is not None:
                 self.controller.calibrate_catch_up(seconds / context)
 
-    def _load_draft(self, target: LlamaForCausalLM, device: torch.device) -> LlamaForCausalLM:
-        """The draft model of speculative_config, checked against the target (from its
-        config.json before its weights are read, where it has one)."""
+    def _load_target(self) -> LlamaForCausalLM:
         config = self.config
+        return load_model(self.source, self.dtype, self.device, config.seed, config.quantization,
+                          config.quantization_group_size)
+
+    def _build_runner(self, model: LlamaForCausalLM, draft: LlamaForCausalLM | None) -> ModelRunner:
+        config = self.config
+        skip = self.spec is not None and self.spec.method == "layer_skip"
+        draft_layers = self.spec.draft_layers(model.config.num_hidden_layers) if skip else None
+        return ModelRunner(model, self.device, self.dtype, config.block_size, self.num_kv_blocks, self.max_model_len,
+                           config.max_num_seqs, config.seed, config.backend, config.kv_cache_dtype,
+                           draft_model=draft, draft_layers=draft_layers,
+                           max_batched_tokens=config.max_num_batched_tokens, structured=self.structured)
+
+    def _load_draft(self, target: LlamaForCausalLM) -> LlamaForCausalLM | None:
+        """The draft model of speculative_config (None without one), checked against the target
+        (from its config.json before its weights are read, where it has one)."""
+        if self.spec is None or self.spec.method != "draft_model":
+            return None
+        config = self.config
+        device = self.device
         try:
             source = resolve_model(self.spec.model)
         except ValueError as e:
@@ -312,6 +327,9 @@ class LLMEngine:
             self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
             self._forget(seq.request.request_id)
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._states)
+
     def reset_stats(self) -> None:
         self.stats = EngineStats()
         self.scheduler.num_preemptions = 0
@@ -321,6 +339,53 @@ class LLMEngine:
         """Forget the prefix cache's entries for blocks no request holds (vLLM's name)."""
         self.kv_cache_manager.pool.reset_prefix_cache()
         return True
+
+    # -- sleep mode (vLLM's LLM.sleep / wake_up) -------------------------------------------
+    @property
+    def is_sleeping(self) -> bool:
+        return self.sleep_level > 0
+
+    def sleep(self, level: int = 1) -> SleepResult:
+        """Frees memory while no request is in flight. Level 1 frees the KV caches (the
+        target's and a draft model's) and the native kernels' workspaces, and on CUDA moves the
+        weights to host memory; on a CPU the weights already are host memory and stay. Level 2
+        also discards the weights (the model runner, native model and torch module), which
+        wake_up reloads from the model path with the same arguments and seed. The prefix cache
+        is emptied either way. Returns the memory released, measured: the resident set on a
+        CPU, device memory on CUDA. Sleeping deeper (1, then 2) discards the rest."""
+        if not self.config.enable_sleep_mode:
+            raise ValueError("sleep: sleep mode is not enabled (enable_sleep_mode=True, --enable-sleep-mode)")
+        check_level(level)
+        unfinished = self.scheduler.num_waiting + self.scheduler.num_running
+        if unfinished:
+            raise RuntimeError(f"sleep: {unfinished} requests are unfinished; finish or abort them first")
+        start = time.perf_counter()
+        before = memory_in_use(self.device)
+        if level == 2:
+            self.runner = None  # its KV caches, weights and drafter with it
+        elif self.sleep_level == 0:
+            self.runner.sleep()
+        self.kv_cache_manager.pool.reset_prefix_cache()  # what the blocks held is gone
+        release_freed_memory(self.device)
+        after = memory_in_use(self.device)
+        self.sleep_level = max(self.sleep_level, level)
+        return SleepResult(self.sleep_level, before - after, time.perf_counter() - start, before, after)
+
+    def wake_up(self) -> float:
+        """Undoes sleep(): the KV caches again (empty), the weights back or reloaded. Returns
+        the seconds it took (0 when awake already)."""
+        if self.sleep_level == 0:
+            return 0.0
+        start = time.perf_counter()
+        if self.runner is None:
+            model = self._load_target()
+            self.runner = self._build_runner(model, self._load_draft(model))
+            del model
+            release_freed_memory(self.device)  # what loading took and left (the file's tensors, unpacked)
+        else:
+            self.runner.wake_up()
+        self.sleep_level = 0
+        return time.perf_counter() - start
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -342,6 +407,8 @@ class LLMEngine:
         return self.step_with_stats()[0]
 
     def step_with_stats(self) -> tuple[list[RequestOutput], IterationStats]:
+        if self.sleep_level:
+            raise RuntimeError("the engine is asleep: wake_up() first")
         start = time.perf_counter()
         out = self.scheduler.schedule()
         stats = IterationStats(self._tokens_by_request(out))

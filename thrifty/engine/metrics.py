@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from thrifty.cost.prices import PriceChoice
 from thrifty.engine.async_llm import AsyncLLM, StepObservation
+from thrifty.engine.sleep import SLEEP_STATE_NAMES, SleepResult
 
 prometheus_client.disable_created_metrics()
 
@@ -26,6 +27,7 @@ _ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 _REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                     240.0, 480.0, 960.0, 1920.0, 7680.0]
 _ITERATION_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+_SLEEP_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0]
 
 
 class _EngineStateCollector:
@@ -67,6 +69,9 @@ class _EngineStateCollector:
         ]
         if self.price is not None:
             yield self._price_info()
+        if llm.engine.config.enable_sleep_mode:
+            rows += self._sleep()
+            yield self._sleep_state()
         if llm.engine.spec is not None:
             rows += self._spec()
             yield self._accepted_per_pos()
@@ -112,6 +117,23 @@ class _EngineStateCollector:
                                  labels=["model_name", "source", "entry", "detail"])
         info.add_metric([self.model_name, price.source, price.entry, price.detail], 1.0)
         return info
+    def _sleep(self) -> list[tuple]:
+        llm = self.llm
+        return [
+            (GaugeMetricFamily, "thrifty:sleeping", "The engine's sleep level: 0 awake, 1 or 2 asleep.",
+             llm.engine.sleep_level),
+            (CounterMetricFamily, "thrifty:requests_refused_asleep",
+             "Requests refused with 503 because the engine was asleep.", llm.num_refused_asleep),
+        ]
+
+    def _sleep_state(self) -> GaugeMetricFamily:
+        """vLLM's gauge: 1 for the state the engine is in (level 1 is named weights_offloaded,
+        though on a CPU the weights stay where they are)."""
+        state = GaugeMetricFamily("vllm:engine_sleep_state", "Engine sleep state.",
+                                  labels=["model_name", "sleep_state"])
+        for level, name in SLEEP_STATE_NAMES.items():
+            state.add_metric([self.model_name, name], float(self.llm.engine.sleep_level == level))
+        return state
 
     def _cost(self, now: float) -> list[tuple]:
         cost = self.llm.cost
@@ -121,11 +143,15 @@ class _EngineStateCollector:
             (CounterMetricFamily, "thrifty:unbilled_cost_usd",
              "Part of thrifty:cost_usd charged to requests that ended without a response (aborted, failed).",
              cost.unbilled_cost_usd),
-            (CounterMetricFamily, "thrifty:idle_cost_usd", "Time with nothing to run x price.",
+            (CounterMetricFamily, "thrifty:idle_cost_usd", "Time awake with nothing to run x price.",
              cost.idle_cost_usd(now)),
             (CounterMetricFamily, "thrifty:busy_seconds", "Seconds the engine had requests to run.", cost.busy_s),
-            (CounterMetricFamily, "thrifty:idle_seconds", "Seconds the engine had nothing to run.",
+            (CounterMetricFamily, "thrifty:idle_seconds", "Seconds the engine was awake with nothing to run.",
              cost.idle_seconds(now)),
+            (CounterMetricFamily, "thrifty:asleep_seconds", "Seconds the engine was asleep (sleep mode; waking "
+             "included): busy + idle + asleep seconds = the server's life.", cost.asleep_seconds(now)),
+            (CounterMetricFamily, "thrifty:asleep_cost_usd", "Time asleep x price: the instance is billed asleep too.",
+             cost.asleep_cost_usd(now)),
             (GaugeMetricFamily, "thrifty:cost_per_million_tokens_usd",
              f"All cost (idle included) per million tokens computed, over the last {cost.window_s:g} s.",
              cost.cost_per_million_tokens(now)),
@@ -182,6 +208,17 @@ class EngineMetrics:
         self._last_token_time: dict[str, float] = {}
         llm.step_observers.append(self.observe_step)
         llm.end_observers.append(self.observe_end)
+        # Sleep mode; and the process's memory (process_resident_memory_bytes), which sleep releases.
+        prometheus_client.ProcessCollector(registry=self.registry)
+        if llm.engine.config.enable_sleep_mode:
+            self.sleep_seconds = histogram("thrifty:sleep_seconds", "Seconds each sleep took to release memory "
+                                           "(after the requests in flight ended).", _SLEEP_BUCKETS)
+            self.wake_seconds = histogram("thrifty:wake_seconds", "Seconds each wake took.", _SLEEP_BUCKETS)
+            self.sleep_released = prometheus_client.Gauge(
+                "thrifty:sleep_released_bytes", "Memory the last sleep released, measured: the resident set on a "
+                "CPU, device memory on CUDA.", labels, registry=self.registry).labels(model_name)
+            llm.sleep_observers.append(self.observe_sleep)
+            llm.wake_observers.append(self.wake_seconds.observe)
 
     def observe_step(self, obs: StepObservation) -> None:
         self.iteration_tokens.observe(obs.num_tokens)
@@ -214,6 +251,10 @@ class EngineMetrics:
         """A request that ended unfinished: "abort" (client gone) or "error" (its step failed)."""
         self._last_token_time.pop(request_id, None)
         self._success.labels(self.model_name, reason).inc()
+
+    def observe_sleep(self, result: SleepResult) -> None:
+        self.sleep_seconds.observe(result.seconds)
+        self.sleep_released.set(result.released_bytes)
 
     def observe_key_usage(self, key_name: str, prompt_tokens: int, generation_tokens: int, cost_usd: float) -> None:
         self.key_prompt_tokens.labels(self.model_name, key_name).inc(prompt_tokens)

@@ -128,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"model: given twice ({args.model_tag!r} and --model {args.model!r})")
         args.model = args.model_tag
     check_ray_flags(args)
-    config = EngineConfig(model=args.model, **engine_kwargs(args))
+    config = EngineConfig(model=args.model, **engine_kwargs(args, enable_sleep_mode=args.enable_sleep_mode))
     if args.ray:
         from thrifty.deploy.ray import run_from_cli
 
@@ -282,6 +282,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds running requests may take to finish after SIGTERM")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per request")
+    s = p.add_argument_group("sleep mode (docs/server.md)")
+    s.add_argument("--enable-sleep-mode", action="store_true",
+                   help="POST /sleep?level=1|2&mode=abort|wait, POST /wake_up, GET /is_sleeping (as vLLM): level 1 "
+                        "frees the KV cache (on CUDA the weights also move to host memory), level 2 also the "
+                        "weights, reloaded from the model path on wake")
+    s.add_argument("--wake-on-request", action="store_true",
+                   help="a request arriving while asleep wakes the engine and waits (default: 503 with Retry-After)")
+    s.add_argument("--sleep-when-idle", type=float, default=None, metavar="SECONDS",
+                   help="sleep after this long without requests (implies --wake-on-request)")
+    s.add_argument("--sleep-level", type=int, default=1, choices=[1, 2], help="the level of idle sleeps")
+    s.add_argument("--sleep-drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="mode=wait: how long requests in flight may run before they are aborted")
     add_ray_args(p)
 
 

@@ -6,6 +6,7 @@ from typing import Sequence
 
 from thrifty.config import EngineConfig
 from thrifty.engine.llm_engine import LLMEngine, PromptType
+from thrifty.engine.sleep import SleepResult
 from thrifty.outputs import RequestOutput
 from thrifty.sampling_params import SamplingParams
 
@@ -24,6 +25,16 @@ class LLM:
 
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> SleepResult:
+        """Frees memory until wake_up() (vLLM's LLM.sleep; needs enable_sleep_mode=True): level 1
+        the KV cache (on CUDA the weights also move to host memory), level 2 the weights too,
+        reloaded from the model path on wake. See LLMEngine.sleep."""
+        return self.llm_engine.sleep(level)
+
+    def wake_up(self) -> float:
+        """Returns the seconds waking took."""
+        return self.llm_engine.wake_up()
 
     def generate(
         self,
@@ -46,6 +57,8 @@ class LLM:
         if len(priorities) != len(prompts):
             raise ValueError(f"priority: {len(priorities)} given for {len(prompts)} prompts")
         engine = self.llm_engine
+        if engine.is_sleeping:
+            raise RuntimeError("LLM.generate: the engine is asleep; call wake_up() first")
         # Validate everything before any work starts, so a bad prompt rejects the whole call.
         tokenized = [engine.tokenize_prompt(p) for p in prompts]
         for (_, ids), p in zip(tokenized, priorities):

@@ -149,6 +149,26 @@ class ModelRunner:
         # Like the generators, a request's grammar state outlives a preemption.
         self.structured = structured
 
+    # -- sleep mode ---------------------------------------------------------------------------
+    def _paged_models(self) -> list[PagedModel]:
+        """The models with a KV cache of their own: the target, and a draft model's."""
+        own = self.drafter is not None and self.drafter.own_cache
+        return [self.paged, self.drafter.model] if own else [self.paged]
+
+    def sleep(self) -> None:
+        """Level 1: frees the KV caches; on CUDA the weights also move to host memory (on a CPU
+        they already are host memory, and stay). Only with no request in flight."""
+        for paged in self._paged_models():
+            paged.release_kv_caches()
+            if self.device.type == "cuda":
+                paged.model.to("cpu")
+
+    def wake_up(self) -> None:
+        for paged in self._paged_models():
+            if self.device.type == "cuda":
+                paged.model.to(self.device)
+            paged.restore_kv_caches()
+
     # -- request states ---------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:
         for req_id in out.finished_req_ids:

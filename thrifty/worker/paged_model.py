@@ -78,15 +78,10 @@ class PagedModel:
         self.block_size = block_size
         self.kv_cache_dtype = kv_cache_dtype
         self.backend = resolve_backend(backend, model, dtype, device, block_size)
-        cfg = model.config
+        self.dtype = dtype
         # One block more than the pool hands out: the null block pads block tables.
-        k_shape, v_shape = kv_cache_shapes(num_blocks + 1, cfg.num_key_value_heads, cfg.head_dim, block_size, dtype,
-                                           kv_cache_dtype)
-        # Zeroed, not empty: slots past a sequence's end are read (with zero weight) by the
-        # reference attention, and 0 * NaN garbage would poison the output.
-        cache_dtype = kv_cache_element_dtype(dtype, kv_cache_dtype)
-        self.k_caches = [torch.zeros(k_shape, dtype=cache_dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v_caches = [torch.zeros(v_shape, dtype=cache_dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.num_cache_blocks = num_blocks + 1
+        self.k_caches, self.v_caches = self._kv_caches(self.num_cache_blocks)
         if self.backend == "native":
             from thrifty.native.model import build_native_model
 
@@ -105,6 +100,31 @@ class PagedModel:
             model.prepack()
             params = {id(p): p for p in model.parameters()}.values()  # a tied head counts once
             self.weight_bytes = sum(p.numel() * p.element_size() for p in params)
+
+    def _kv_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cfg = self.model.config
+        k_shape, v_shape = kv_cache_shapes(num_blocks, cfg.num_key_value_heads, cfg.head_dim, self.block_size,
+                                           self.dtype, self.kv_cache_dtype)
+        # Zeroed, not empty: slots past a sequence's end are read (with zero weight) by the
+        # reference attention, and 0 * NaN garbage would poison the output.
+        cache_dtype = kv_cache_element_dtype(self.dtype, self.kv_cache_dtype)
+        layers = range(cfg.num_hidden_layers)
+        return ([torch.zeros(k_shape, dtype=cache_dtype, device=self.device) for _ in layers],
+                [torch.zeros(v_shape, dtype=cache_dtype, device=self.device) for _ in layers])
+
+    def release_kv_caches(self) -> None:
+        """Sleep: drop the KV cache, and the native model's references to it (caches of no
+        blocks) and its workspaces. The weights stay."""
+        self.k_caches, self.v_caches = self._kv_caches(0)
+        if self.native is not None:
+            self.native.set_kv_caches(self.k_caches, self.v_caches, self.kv_cache_dtype)
+            self.native.release_buffers()
+
+    def restore_kv_caches(self) -> None:
+        """Wake: a fresh (zeroed) KV cache of the size it had."""
+        self.k_caches, self.v_caches = self._kv_caches(self.num_cache_blocks)
+        if self.native is not None:
+            self.native.set_kv_caches(self.k_caches, self.v_caches, self.kv_cache_dtype)
 
     def forward(self, batch: StepBatch, greedy: bool = False, layers: list[int] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -28,6 +28,7 @@ from thrifty.config import EngineConfig
 from thrifty.cost.prices import PriceChoice, server_price
 from thrifty.engine.async_llm import AsyncLLM, EngineDeadError
 from thrifty.engine.metrics import EngineMetrics
+from thrifty.engine.sleep import EngineSleepingError, SleepConfig
 from thrifty.entrypoints.openai.limits import (
     KeyLimitsCollector,
     KeyPolicy,
@@ -47,6 +48,7 @@ from thrifty.entrypoints.openai.serving import (
     OpenAIServing,
     bad_request,
     from_value_error,
+    unavailable,
 )
 from thrifty.entrypoints.openai.tools import check_tools
 
@@ -117,6 +119,11 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
     async def engine_dead(_: Request, exc: EngineDeadError):
         return JSONResponse(APIError(503, str(exc), type="service_unavailable").body(), status_code=503)
 
+    @app.exception_handler(EngineSleepingError)
+    async def engine_sleeping(_: Request, exc: EngineSleepingError):
+        err = unavailable(exc)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception):
         logger.exception("unhandled error", exc_info=exc)
@@ -184,6 +191,9 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
     async def prometheus_metrics():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    if llm.engine.config.enable_sleep_mode:
+        _add_sleep_routes(app, llm, admin_only=any(policy.admin for policy in (api_keys or {}).values()))
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         serving.check_model(req.model)
@@ -206,6 +216,41 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
         return {"prompt": serving.tokenizer.decode(req.tokens)}
 
     return app
+
+
+def _add_sleep_routes(app: FastAPI, llm: AsyncLLM, admin_only: bool) -> None:
+    """vLLM's sleep-mode routes (--enable-sleep-mode); behind the API key like /v1 when keys are set,
+    and once any key is marked admin, sleep and wake are for admin keys only (a tenant's key must not
+    put the server to sleep under the other tenants)."""
+
+    def check_admin(raw: Request) -> None:
+        policy = getattr(raw.state, "key_policy", None)
+        if admin_only and not (policy is not None and policy.admin):
+            raise APIError(403, f"{raw.url.path} needs an admin API key (a key with admin: true)",
+                           type="permission_error", code="admin_key_required")
+
+    @app.post("/sleep")
+    async def sleep(raw: Request):
+        check_admin(raw)
+        level = raw.query_params.get("level", "1")
+        if not level.isdigit():
+            raise bad_request(f"level: must be 1 or 2, got {level!r}", "level")
+        try:
+            result = await llm.sleep(int(level), raw.query_params.get("mode", "abort"))
+        except ValueError as e:
+            raise from_value_error(e) from None
+        return {"status": "sleeping", "level": result.level, "released_bytes": result.released_bytes,
+                "seconds": round(result.seconds, 4)}
+
+    @app.post("/wake_up")
+    async def wake_up(raw: Request):
+        check_admin(raw)
+        # (vLLM's `tags` pick what to wake on CUDA; thrifty always wakes everything)
+        return {"status": "awake", "seconds": round(await llm.wake_up(), 4)}
+
+    @app.get("/is_sleeping")
+    async def is_sleeping():
+        return {"is_sleeping": llm.is_sleeping}
 
 
 async def _cancel_on_disconnect(raw: Request, work: Awaitable):
@@ -256,6 +301,12 @@ def resolve_price(given: float | None, config: EngineConfig, vcpus: float | None
     return choice
 
 
+def sleep_config(args: argparse.Namespace) -> SleepConfig:
+    """The sleep flags of `thrifty serve` (they need --enable-sleep-mode, which AsyncLLM checks)."""
+    return SleepConfig(wake_on_request=args.wake_on_request, sleep_when_idle=args.sleep_when_idle,
+                       sleep_level=args.sleep_level, drain_timeout=args.sleep_drain_timeout)
+
+
 def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
     import uvicorn
 
@@ -267,7 +318,7 @@ def run_server(args: argparse.Namespace, config: EngineConfig) -> int:
     check_priced(api_keys.values(), price.price_per_hour_usd)
     check_priorities(api_keys.values(), config.scheduling_policy)
     llm = AsyncLLM(config, max_waiting_requests=args.max_waiting_requests or None,
-                   price_per_hour=price.price_per_hour_usd)
+                   price_per_hour=price.price_per_hour_usd, sleep_config=sleep_config(args))
     names = args.served_model_name or [llm.engine.model_name]
     app = build_app(llm, names, api_keys, chat_template, str(llm.engine.source.path or ""),
                     args.trust_request_chat_template, args.enable_auto_tool_choice, args.tool_call_parser, price,

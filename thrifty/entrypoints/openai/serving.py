@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from thrifty.engine.async_llm import AsyncLLM
+from thrifty.engine.sleep import EngineSleepingError
 from thrifty.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,6 +37,24 @@ def from_value_error(e: ValueError) -> APIError:
     m = re.match(r"(?:SamplingParams\.)?(\w+)[ :]", str(e))
     param = m.group(1) if m else None
     return bad_request(str(e), "prompt" if param == "prompt_token_ids" else param)
+
+
+def unavailable(e: EngineSleepingError) -> APIError:
+    """The engine is asleep: 503 with Retry-After (sleep mode)."""
+    return APIError(503, str(e), type="service_unavailable", headers={"Retry-After": str(e.retry_after)})
+
+
+async def _primed(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The stream with its first chunk computed before the response starts, so that a request
+    the engine's sleep ended before any output gets the 503 as its status, not in-band."""
+    first = await stream.__anext__()  # (an SSE stream always ends with [DONE])
+
+    async def rest() -> AsyncIterator[str]:
+        yield first
+        async for chunk in stream:
+            yield chunk
+
+    return rest()
 
 
 @dataclass
@@ -242,10 +261,10 @@ class OpenAIServing:
         try:
             for rid, p, sp in zip(ids, prompts, params):
                 outputs.append(self.llm.add_request(p.token_ids, sp, rid, p.text, priority))
-        except ValueError as e:
+        except (ValueError, EngineSleepingError) as e:
             for rid in ids:
                 self.llm.abort(rid)
-            raise from_value_error(e) from None
+            raise (unavailable(e) if isinstance(e, EngineSleepingError) else from_value_error(e)) from None
         if compile_seconds:
             self.llm.cost.charge(ids[0], compile_seconds)
         if self.limiter is not None and key is not None and key.name is not None:
@@ -339,14 +358,20 @@ class OpenAIServing:
         end (stream_options), an error in-band (the status is already sent), then [DONE]."""
         opts = req.stream_options
         include_usage, continuous = bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats)
+        sent = False
         try:
             async for choice in choice_chunks:
                 chunk = {**head, "choices": [choice]}
                 if include_usage:
                     chunk["usage"] = self._usage(job.prompts, job.choices) if continuous else None
                 yield self._sse(chunk)
+                sent = True
             if include_usage:
                 yield self._sse({**head, "choices": [], "usage": self._usage(job.prompts, job.choices)})
+        except EngineSleepingError as e:
+            if not sent:
+                raise unavailable(e) from None  # no status sent yet (see _primed): the 503 itself
+            yield self._sse(unavailable(e).body())
         except APIError as e:
             yield self._sse(e.body())
         except Exception as e:  # the engine died
@@ -401,7 +426,7 @@ class OpenAIServing:
         head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
                 "model": self._reported_model(req)}
         if req.stream:
-            return self._sse_stream(req, job, head, self._completion_chunks(req, job))
+            return await _primed(self._sse_stream(req, job, head, self._completion_chunks(req, job)))
         async for _ in self._run(job):
             pass
         return {**head, "choices": [self._completion_choice(i, c, c.text, c.logprobs, 0)
@@ -518,8 +543,8 @@ class OpenAIServing:
             for c in job.choices:
                 c.tools = ToolCallParser()
         if req.stream:
-            return self._sse_stream(req, job, {**head, "object": "chat.completion.chunk"},
-                                    self._chat_chunks(req, job))
+            return await _primed(self._sse_stream(req, job, {**head, "object": "chat.completion.chunk"},
+                                                  self._chat_chunks(req, job)))
         async for _ in self._run(job):
             pass
         return {**head, "choices": [self._chat_choice(i, c, req, top) for i, c in enumerate(job.choices)],
