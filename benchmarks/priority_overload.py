@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import random
@@ -99,7 +100,9 @@ async def one_run(url: str, prompts: list, num_urgent_prompts: int, args, seed: 
         rate = mu / args.trickle_div
         rng = random.Random(seed)
         trickle = [rng.choice(urgent_ids) for _ in range(args.num_urgent)]
+        server = [_server_histograms(url)]
         idle_before = await load.poisson(trickle, rate, URGENT, seed)  # 2
+        server.append(_server_histograms(url))
         span = args.num_urgent / rate
         num_low = round(args.overload * mu * span)
         lows = [rng.choice(low_ids) for _ in range(num_low)]
@@ -107,7 +110,9 @@ async def one_run(url: str, prompts: list, num_urgent_prompts: int, args, seed: 
         loaded, low = await asyncio.gather(load.poisson(trickle, rate, URGENT, seed),  # 3
                                            load.poisson(lows, args.overload * mu, LOW, seed + 2))
         loaded_s = time.perf_counter() - start
+        server.append(_server_histograms(url))
         idle_after = await load.poisson(trickle, rate, URGENT, seed)  # 4
+        server.append(_server_histograms(url))
     p99_idle = max(_ttft_ms(idle_before).get("p99", math.inf), _ttft_ms(idle_after).get("p99", math.inf))
     p99_loaded = _ttft_ms(loaded).get("p99", math.inf)
     failed_low = [r.error for _, r in low if not r.ok]
@@ -120,6 +125,8 @@ async def one_run(url: str, prompts: list, num_urgent_prompts: int, args, seed: 
         "urgent_ttft_ms": {"idle_before": _ttft_ms(idle_before), "loaded": _ttft_ms(loaded),
                            "idle_after": _ttft_ms(idle_after)},
         "urgent_p99_ratio": p99_loaded / p99_idle,
+        "urgent_server_side": {phase: _server_side(a, b) for phase, a, b in
+                               zip(("idle_before", "loaded", "idle_after"), server, server[1:])},
         "low_completed": len(low) - len(failed_low), "low_failed": len(failed_low), "low_errors": failed_low[:5],
         "low_e2el_max_s": max((r.e2el for _, r in low if r.ok), default=None),
         "output_mismatches": mismatches,
@@ -127,16 +134,51 @@ async def one_run(url: str, prompts: list, num_urgent_prompts: int, args, seed: 
     }
 
 
-def _metrics(url: str) -> dict[str, float]:
+def _samples(url: str):
     import httpx2 as httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
-        for s in family.samples:
-            if s.name in ("vllm:num_preemptions_total", "thrifty:priority_preemptions_total",
-                          "thrifty:preemption_recovered_tokens_total", "vllm:prompt_tokens_total"):
-                out[s.name] = s.value
+        yield from family.samples
+
+
+def _metrics(url: str) -> dict[str, float]:
+    return {s.name: s.value for s in _samples(url) if s.name in (
+        "vllm:num_preemptions_total", "thrifty:priority_preemptions_total",
+        "thrifty:preemption_recovered_tokens_total", "vllm:prompt_tokens_total")}
+
+
+SERVER_HISTOGRAMS = {"ttft": "thrifty:time_to_first_token_seconds_by_priority",
+                     "queue": "thrifty:request_queue_time_seconds_by_priority"}
+
+
+def _server_histograms(url: str) -> dict[tuple[str, str], float]:
+    """The urgent class's server-side TTFT and queue-time histograms: (name, le or sum/count) -> value."""
+    out = {}
+    for s in _samples(url):
+        for short, name in SERVER_HISTOGRAMS.items():
+            if s.labels.get("priority_class") != str(URGENT):
+                continue
+            if s.name == f"{name}_bucket":
+                out[(short, s.labels["le"])] = s.value
+            elif s.name in (f"{name}_sum", f"{name}_count"):
+                out[(short, s.name.rsplit("_", 1)[1])] = s.value
+    return out
+
+
+def _server_side(before: dict, after: dict) -> dict:
+    """What the server measured for one urgent phase (from its arrival in the engine, so without HTTP
+    and the client): the mean, and the p99 as the upper bound of its histogram bucket, in ms."""
+    out = {}
+    for short in SERVER_HISTOGRAMS:
+        count = after.get((short, "count"), 0) - before.get((short, "count"), 0)
+        if not count:
+            continue
+        total = after[(short, "sum")] - before.get((short, "sum"), 0)
+        bounds = sorted((float(le), after[(s, le)] - before.get((s, le), 0))
+                        for s, le in after if s == short and le not in ("sum", "count"))
+        p99 = next(le for le, n in bounds if n >= 0.99 * count)
+        out[short] = {"mean_ms": 1000 * total / count, "p99_bucket_ms": 1000 * p99}
     return out
 
 
@@ -145,12 +187,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--scheduling-policy", default="priority", choices=["priority", "fcfs"])
     ap.add_argument("--max-num-seqs", type=int, default=4)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="auto")
+    # The urgent request waits for the step in flight, and the token budget bounds that step:
+    # half the prompt length keeps it at about half the urgent prompt's own prefill, prefill time
+    # being about linear in tokens on a CPU (benchmarks/step_costs.py measures it).
+    ap.add_argument("--max-num-batched-tokens", type=int, default=32)
+    # float32: its kernels give a row the same result whatever else is in the batch, so "unchanged
+    # outputs" tests the scheduler; bf16's do not (greedy outputs move with batch composition, fcfs too).
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--num-urgent", type=int, default=40, help="urgent requests per trickle")
-    ap.add_argument("--trickle-div", type=float, default=8.0, help="the trickle's rate is mu / this")
+    ap.add_argument("--trickle-div", type=float, default=6.0, help="the trickle's rate is mu / this")
     ap.add_argument("--overload", type=float, default=3.0, help="low-priority rate as a multiple of mu")
     ap.add_argument("--mu-seconds", type=float, default=20.0)
     ap.add_argument("--serve-args", default="", help="more `thrifty serve` flags")
@@ -159,6 +206,8 @@ def main() -> None:
     tok = load_tokenizer(resolve_model(None))
     # 8 urgent prompts, 16 low ones; prefix caching off, so repeats are computed like new prompts.
     prompts = make_serve_prompts("random", tok, 24, args.input_len, args.output_len, seed=0)
+    gc.collect()
+    gc.freeze()  # the client's own collections (the tokenizer is loaded here too) must not add to its TTFTs
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = ["serve", "--port", str(port), "--scheduling-policy", args.scheduling_policy, "--max-num-seqs", str(args.max_num_seqs),

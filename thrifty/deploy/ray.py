@@ -286,7 +286,7 @@ class ThriftyServer:
         self.ledger = get_ledger(ctx.app_name, ctx.deployment)
 
         from thrifty.engine.async_llm import AsyncLLM
-        from thrifty.entrypoints.openai.api_server import resolve_price, sleep_config
+        from thrifty.entrypoints.openai.api_server import freeze_startup_heap, resolve_price, sleep_config
 
         config = self.options.engine_config()
         # A replica rents its num_cpus of the node, not the node: the CPU estimate is scaled to them.
@@ -298,6 +298,7 @@ class ThriftyServer:
         except BaseException:
             await self._report(stopped=True)  # the failed load was paid for too
             raise
+        freeze_startup_heap()  # (a replica is a process of its own)
         self._meter_before_start = self.llm.cost  # AsyncLLM.start() replaces it: the serving starts
         self.llm.step_observers.append(self._observe_step)
         await self._report()
