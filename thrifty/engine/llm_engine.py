@@ -118,6 +118,9 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.source)
         self.spec = config.speculative
         draft = self._load_draft(model)
+        skip = self.spec is not None and self.spec.method == "layer_skip"
+        # (checked here, before the KV budget, so a bad layer count is the error a user sees)
+        self.draft_layers = self.spec.draft_layers(cfg.num_hidden_layers) if skip else None
         budget = kv_budget_bytes(device, config.kv_cache_memory, config.gpu_memory_utilization)
         bytes_per_token = sum(kv_bytes_per_token(m, self.dtype, config.kv_cache_dtype) for m in (model, draft) if m)
         num_blocks = num_kv_blocks(bytes_per_token, config.block_size, budget)
@@ -194,11 +197,9 @@ class LLMEngine:
 
     def _build_runner(self, model: LlamaForCausalLM, draft: LlamaForCausalLM | None) -> ModelRunner:
         config = self.config
-        skip = self.spec is not None and self.spec.method == "layer_skip"
-        draft_layers = self.spec.draft_layers(model.config.num_hidden_layers) if skip else None
         return ModelRunner(model, self.device, self.dtype, config.block_size, self.num_kv_blocks, self.max_model_len,
                            config.max_num_seqs, config.seed, config.backend, config.kv_cache_dtype,
-                           draft_model=draft, draft_layers=draft_layers,
+                           draft_model=draft, draft_layers=self.draft_layers,
                            max_batched_tokens=config.max_num_batched_tokens, structured=self.structured)
 
     def _load_draft(self, target: LlamaForCausalLM) -> LlamaForCausalLM | None:
