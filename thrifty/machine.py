@@ -93,11 +93,16 @@ def cgroup_memory_limit_bytes(root: str | Path = CGROUP_ROOT,
     return min(limits) if limits else None
 
 
-def mem_total_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:
-    for line in (_read(Path(meminfo)) or "").splitlines():
-        if line.startswith("MemTotal:"):
+def proc_kib_bytes(path: str | Path, key: str) -> int | None:
+    """A `Key:   N kB` line of a /proc file (meminfo, self/status), in bytes; None if it has none."""
+    for line in (_read(Path(path)) or "").splitlines():
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024
     return None
+
+
+def mem_total_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:
+    return proc_kib_bytes(meminfo, "MemTotal")
 
 
 def machine_share(affinity: int | None = None, root: str | Path = CGROUP_ROOT,

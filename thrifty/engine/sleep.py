@@ -14,6 +14,8 @@ import gc
 import math
 from dataclasses import dataclass
 
+from thrifty.machine import proc_kib_bytes
+
 SLEEP_LEVELS = (1, 2)
 SLEEP_MODES = ("abort", "wait")
 # vLLM's engine_sleep_state values, by level (on a CPU level 1 offloads nothing: the weights stay).
@@ -64,14 +66,7 @@ class SleepResult:
 
 def resident_bytes() -> int:
     """This process's resident set (VmRSS), from /proc/self/status; 0 where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_kib_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def memory_in_use(device) -> int:

@@ -19,6 +19,7 @@ from thrifty.core.scheduler import SchedulerOutput
 from thrifty.layers.rejection_sampler import num_accepted_greedy, verify
 from thrifty.layers.sampler import (Sampler, SamplerOutput, SamplingInput, greedy_output, mask_greedy_picks,
                                     only_argmax)
+from thrifty.machine import proc_kib_bytes
 from thrifty.model.llama import LlamaForCausalLM
 from thrifty.sampling_params import SamplingParams
 from thrifty.structured_output import ConstrainedRows, StructuredOutputManager
@@ -82,14 +83,7 @@ def num_kv_blocks(bytes_per_token: int, block_size: int, budget_bytes: int) -> i
 
 def available_host_bytes() -> int | None:
     """Memory the kernel says can still be had without swapping (MemAvailable), if it says."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_kib_bytes("/proc/meminfo", "MemAvailable")
 
 
 def kv_budget_bytes(device: torch.device, kv_cache_memory: float | None, utilization: float) -> int:
