@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, fields
 from functools import cache
 
+from thrifty.core.scheduler import SchedulerConfig
 from thrifty.cpuinfo import cpu_flags
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -159,10 +160,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.speculative = (None if self.speculative_config is None
                             else SpeculativeConfig.parse(self.speculative_config))
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
-        if self.scheduling_policy == "priority" and self.scheduler_policy != "continuous":
-            raise ValueError("scheduling_policy priority needs the continuous scheduler, not static batches")
+        # The scheduler's own checks (its policies, seats, budget, aging), here so that a bad value
+        # fails before the model loads; the engine builds the real one once max_model_len is known.
+        SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, policy=self.scheduler_policy,
+                        scheduling=self.scheduling_policy, priority_aging_seconds=self.priority_aging_seconds,
+                        priority_aging_seats=self.priority_aging_seats)
         if self.speculative is not None and self.scheduler_policy != "continuous":
             raise ValueError("speculative_config: speculative decoding needs the continuous scheduler")
         if self.backend not in BACKENDS:

@@ -56,6 +56,10 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.policy not in ("continuous", "static"):
             raise ValueError(f"scheduler policy must be 'continuous' or 'static', got {self.policy!r}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.scheduling not in ("fcfs", "priority"):
             raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.scheduling!r}")
         if self.scheduling == "priority" and self.policy == "static":
@@ -65,10 +69,6 @@ class SchedulerConfig:
         if not 0 <= self.priority_aging_seats <= self.max_num_seqs:
             raise ValueError(f"priority_aging_seats must be between 0 and max_num_seqs ({self.max_num_seqs}), "
                              f"got {self.priority_aging_seats}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
 
 @dataclass
