@@ -334,6 +334,11 @@ class Refusal:
         return APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded", headers=headers)
 
 
+def _counted(bucket: _Bucket, limit: str) -> int:
+    """What a second's bucket counts toward rpm (requests) or tpm (tokens)."""
+    return bucket.requests if limit == "rpm" else bucket.tokens
+
+
 class Limiter:
     """Answers "may this key go ahead now?" from its name's usage so far: usage at or over a limit
     is a refusal. Usage counts when it happens (see OpenAIServing), so requests already in flight
@@ -360,7 +365,7 @@ class Limiter:
         now = self.clock() if now is None else now
         if limit == "usd_per_day":
             return self.store.cost_today(name, now)
-        return sum(b.requests if limit == "rpm" else b.tokens for _, b in self.store.window(name, now))
+        return sum(_counted(b, limit) for _, b in self.store.window(name, now))
 
     def check(self, policy: KeyPolicy) -> Refusal | None:
         """The refusal with the longest wait, if any limit is reached."""
@@ -371,8 +376,8 @@ class Limiter:
         for limit, allowed in policy.limits.items():
             used = self.usage(policy.name, limit, now)
             if used >= allowed:
-                refusals.append(Refusal(policy.name, limit, used, allowed, self._retry_after(policy.name, limit,
-                                                                                             allowed, now)))
+                refusals.append(Refusal(policy.name, limit, used, allowed,
+                                        self._retry_after(policy.name, limit, used, allowed, now)))
         return max(refusals, key=lambda r: r.retry_after, default=None)
 
     def enforce(self, policy: KeyPolicy) -> None:
@@ -381,14 +386,13 @@ class Limiter:
             self.refused[refusal.name, refusal.limit] += 1
             raise refusal.error()
 
-    def _retry_after(self, name: str, limit: str, allowed: float, now: float) -> int:
+    def _retry_after(self, name: str, limit: str, used: float, allowed: float, now: float) -> int:
         if limit == "usd_per_day":
             return max(1, math.ceil(_DAY_S - now % _DAY_S))  # to the next 00:00 UTC
         # The window drops bucket s at second s + 60: wait for the first drop that brings usage under.
-        buckets = self.store.window(name, now)
-        remaining = sum(b.requests if limit == "rpm" else b.tokens for _, b in buckets)
-        for second, b in buckets:
-            remaining -= b.requests if limit == "rpm" else b.tokens
+        remaining = used
+        for second, b in self.store.window(name, now):
+            remaining -= _counted(b, limit)
             if remaining < allowed:
                 return max(1, second + WINDOW_S - int(now))
         return WINDOW_S
