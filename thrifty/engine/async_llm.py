@@ -189,12 +189,7 @@ class AsyncLLM:
         if stream is None:
             return
         stream.finished = True
-
-        def abort() -> None:
-            self.engine.abort_request(request_id)
-            self.cost.forget(request_id, billed=False)
-
-        self._submit(abort)
+        self._submit(lambda: self._drop(request_id))
         for observe in self.end_observers:
             observe(request_id, "abort")
 
@@ -264,12 +259,9 @@ class AsyncLLM:
         error = self._sleeping_error("the engine went to sleep while this request was in flight")
         keep = self._held_ids if self.sleep_config.wake_on_request else set()
         for request_id in [r for r in self._streams if r not in keep]:
-            self._finish_stream(request_id, error)
-            for observe in self.end_observers:
-                observe(request_id, "abort")
+            self._end_stream(request_id, error, "abort")
         for request_id in engine.unfinished_request_ids():
-            engine.abort_request(request_id)
-            self.cost.forget(request_id, billed=False)
+            self._drop(request_id)
         if not keep:
             held, self._held = self._held, []
             for op in held:  # (their streams are gone: they only count themselves out)
@@ -358,9 +350,7 @@ class AsyncLLM:
                     self.cost.step(time.monotonic(), e.stats.num_tokens_by_request)
                     for request_id in e.request_ids:
                         self.cost.forget(request_id, billed=False)
-                        self._finish_stream(request_id, RuntimeError(f"the model step failed: {e.__cause__!r}"))
-                        for observe in self.end_observers:
-                            observe(request_id, "error")
+                        self._end_stream(request_id, RuntimeError(f"the model step failed: {e.__cause__!r}"), "error")
                     continue
                 end = self._last_active = time.monotonic()
                 self.cost.step(end, stats.num_tokens_by_request)
@@ -411,6 +401,17 @@ class AsyncLLM:
         if stream is not None:
             stream.finished = True
             stream.queue.put_nowait(error)
+
+    def _end_stream(self, request_id: str, error: BaseException, how: str) -> None:
+        """Ends a request's stream with an error and tells the end observers how it ended."""
+        self._finish_stream(request_id, error)
+        for observe in self.end_observers:
+            observe(request_id, how)
+
+    def _drop(self, request_id: str) -> None:
+        """Frees a request the engine still holds; what it cost so far is billed to no response."""
+        self.engine.abort_request(request_id)
+        self.cost.forget(request_id, billed=False)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):
