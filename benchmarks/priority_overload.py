@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import math
 import random
 import subprocess
@@ -30,9 +29,9 @@ import time
 import numpy as np
 
 from thrifty.bench.datasets import make_serve_prompts
+from thrifty.bench.output import emit_json_line
 from thrifty.bench.processes import free_port, start_thrifty
 from thrifty.bench.serve import RequestResult, ServeConfig, _arrivals, _client, _discover_model, _send
-from thrifty.cpuinfo import cpu_flags_line, cpu_name
 from thrifty.model.loader import load_tokenizer, resolve_model
 
 URGENT, LOW = -1, 1
@@ -218,13 +217,9 @@ def main() -> None:
     try:
         for run in range(args.runs):
             result = asyncio.run(one_run(url, prompts, 8, args, seed=1000 * run))
-            line = {"benchmark": "priority_overload", "run": run, "cpu": cpu_name(), "cpu_flags": cpu_flags_line(), "serve_args": serve[3:],
-                    "input_len": args.input_len, "output_len": args.output_len, "num_urgent": args.num_urgent,
-                    "overload": args.overload, **result, "server_counters": _metrics(url)}
-            print(json.dumps(line), flush=True)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(line) + "\n")
+            emit_json_line({"benchmark": "priority_overload", "run": run, "serve_args": serve[3:],
+                            "input_len": args.input_len, "output_len": args.output_len, "num_urgent": args.num_urgent,
+                            "overload": args.overload, **result, "server_counters": _metrics(url)}, args.json)
     finally:
         proc.terminate()
         proc.wait(60)

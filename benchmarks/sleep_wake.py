@@ -10,13 +10,12 @@ set from /metrics, wakes and asks the same question again. One JSON line per cyc
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 
 import httpx2 as httpx
 
+from thrifty.bench.output import emit_json_line
 from thrifty.bench.processes import free_port, start_thrifty
-from thrifty.cpuinfo import cpu_flags_line, cpu_name
 
 MiB = 1 << 20
 QUESTION = {"prompt": "The three primary colours are", "max_tokens": 24, "temperature": 0}
@@ -52,14 +51,10 @@ def main() -> None:
             slept = httpx.post(f"{url}/sleep", params={"level": level}, timeout=300).json()
             asleep = rss_bytes(url)
             woke = httpx.post(f"{url}/wake_up", timeout=300).json()
-            line = {"benchmark": "sleep_wake", "cycle": cycle, "level": level, "rss_awake_mib": awake / MiB,
-                    "rss_asleep_mib": asleep / MiB, "released_mib": slept["released_bytes"] / MiB,
-                    "sleep_s": slept["seconds"], "wake_s": woke["seconds"], "same_answer": answer(url) == before,
-                    "serve_args": serve[3:], "cpu": cpu_name(), "cpu_flags": cpu_flags_line()}
-            print(json.dumps(line), flush=True)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(line) + "\n")
+            emit_json_line({"benchmark": "sleep_wake", "cycle": cycle, "level": level, "rss_awake_mib": awake / MiB,
+                            "rss_asleep_mib": asleep / MiB, "released_mib": slept["released_bytes"] / MiB,
+                            "sleep_s": slept["seconds"], "wake_s": woke["seconds"],
+                            "same_answer": answer(url) == before, "serve_args": serve[3:]}, args.json)
     finally:
         proc.terminate()
         proc.wait(60)

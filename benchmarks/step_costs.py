@@ -11,7 +11,6 @@ One JSON line per D: {"decodes": D, "decode_step_ms": ..., "prefill_step_ms": {P
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -27,8 +26,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from thrifty import SamplingParams
+    from thrifty.bench.output import emit_json_line
     from thrifty.config import EngineConfig
-    from thrifty.cpuinfo import cpu_flags_line, cpu_name
     from thrifty.engine.llm_engine import LLMEngine
 
     chunks = [int(c) for c in args.chunks.split(",")]
@@ -61,15 +60,11 @@ def main() -> None:
             add(16, 1000)
         if decodes:
             step_ms()  # their prompts
-        line = {"benchmark": "step_costs", "dtype": args.dtype, "decodes": decodes,
-                "decode_step_ms": median_ms(lambda: None) if decodes else None,
-                # a one-token request: its prompt is computed in one step, then it finishes
-                "prefill_step_ms": {chunk: median_ms(lambda c=chunk: add(c, 1)) for chunk in chunks},
-                "cpu": cpu_name(), "cpu_flags": cpu_flags_line()}
-        print(json.dumps(line), flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        emit_json_line({"benchmark": "step_costs", "dtype": args.dtype, "decodes": decodes,
+                        "decode_step_ms": median_ms(lambda: None) if decodes else None,
+                        # a one-token request: its prompt is computed in one step, then it finishes
+                        "prefill_step_ms": {chunk: median_ms(lambda c=chunk: add(c, 1)) for chunk in chunks}},
+                       args.json)
         for request_id in list(engine.unfinished_request_ids()):
             engine.abort_request(request_id)
 
