@@ -117,6 +117,7 @@ class _EngineStateCollector:
                                  labels=["model_name", "source", "entry", "detail"])
         info.add_metric([self.model_name, price.source, price.entry, price.detail], 1.0)
         return info
+
     def _sleep(self) -> list[tuple]:
         llm = self.llm
         return [

@@ -251,8 +251,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 and tokenizer routes; repeatable; NAME=KEY "
                         "also counts tokens and cost per key name (thrifty:key_* metrics); "
                         "NAME=KEY:rpm=60,tpm=100000,usd_per_day=5 limits requests and tokens per minute and USD "
-                        "per UTC day (429 past them), priority=N and admin=true are stored with the key "
-                        "(docs/server.md)")
+                        "per UTC day (429 past them); priority=N is its requests' default and most urgent priority; "
+                        "admin=true lets it call /sleep and /wake_up (docs/server.md)")
     g.add_argument("--api-key-file", default=None, metavar="PATH",
                    help="API keys from a YAML or JSON file: 'keys: [{name, key or key_env, priority, rpm, tpm, "
                         "usd_per_day, admin}, ...]' (with --api-key, both count)")
