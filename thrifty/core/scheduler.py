@@ -183,7 +183,6 @@ class Scheduler:
         self.by_priority = config.scheduling == "priority"
         self.clock: Callable[[], float] = time.monotonic  # aging's clock (the arrival times' clock)
         self._num_added = 0
-        self._protected: set[str] = set()
         self._sent: set[str] = set()  # requests the runner holds (sent as new, not freed since)
         self._freed: set[str] = set()  # blocks freed since the last schedule(): the runner forgets them
 
@@ -230,7 +229,6 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         request.status = status
-        self._protected.discard(request_id)
         if was_running and self.config.policy == "static" and status != RequestStatus.FINISHED_ABORTED:
             self.padding.append(request)
         else:
@@ -397,16 +395,16 @@ class Scheduler:
         """Gives free aging seats to the requests, waiting or running (a running one may be deferred
         step after step), that have waited longest past the threshold."""
         cfg = self.config
-        while len(self._protected) < cfg.priority_aging_seats:
-            deadline = self.clock() - cfg.priority_aging_seconds
-            # (A follower waiting for its leader could not use the seat: the leader gets it first.)
-            starving = [r for r in (*self.waiting, *self.running) if not r.protected
-                        and r.arrival_time <= deadline and not self._waits_for_leader(r)]
-            if not starving:
-                return
-            oldest = min(starving, key=lambda r: (r.arrival_time, r.arrival_seq))
+        unfinished = (*self.waiting, *self.running)  # (a request is protected until it finishes)
+        free_seats = cfg.priority_aging_seats - sum(r.protected for r in unfinished)
+        if free_seats <= 0:
+            return
+        deadline = self.clock() - cfg.priority_aging_seconds
+        # (A follower waiting for its leader could not use the seat: the leader gets it first.)
+        starving = sorted((r for r in unfinished if not r.protected and r.arrival_time <= deadline
+                           and not self._waits_for_leader(r)), key=lambda r: (r.arrival_time, r.arrival_seq))
+        for oldest in starving[:free_seats]:
             oldest.protected = True
-            self._protected.add(oldest.request_id)
             if oldest.status != RequestStatus.RUNNING:
                 self.waiting.remove(oldest)
                 self._enqueue(oldest)  # to the front, among the protected
