@@ -193,7 +193,7 @@ def build_app(llm: AsyncLLM, served_model_names: list[str], api_keys: dict[str, 
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     if llm.engine.config.enable_sleep_mode:
-        _add_sleep_routes(app, llm, admin_only=any(policy.admin for policy in (api_keys or {}).values()))
+        _add_sleep_routes(app, llm, admin_only=any(p.admin for p in policies))
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
